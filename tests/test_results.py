@@ -29,8 +29,7 @@ def _files(d):
 # --- provenance -----------------------------------------------------------------------------------------------
 
 def test_environment_info_outside_git(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    info = environment_info()
+    info = environment_info(cwd=tmp_path)
     assert info["git"] is None
     assert info["versions"]["torch"] == torch.__version__
     assert info["versions"]["numpy"] == np.__version__
@@ -90,6 +89,23 @@ def test_atomic_write_failure_mid_write_keeps_old_file(tmp_path, monkeypatch):
         save_record(path, experiment="e", config={}, metrics={"acc": 2.0})
     assert path.read_text() == before and load_records(path) == [old]
     assert _files(tmp_path) == ["run.json"]  # no temporary file left
+
+
+def test_environment_info_describes_the_code_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a repository; the default still looks where abkd lives
+    assert environment_info()["git"] == R.git_info(Path(R.abkd.__file__).resolve().parent)
+
+
+def test_save_figure_is_atomic(tmp_path):
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(); ax.plot([0, 1])
+    out = R.save_figure(fig, tmp_path / "figs" / "a.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _files(tmp_path) == ["figs/a.png"]
+    with pytest.raises(Exception):
+        R.save_figure(fig, tmp_path / "figs" / "b.unknownformat")
+    assert _files(tmp_path) == ["figs/a.png"]  # the failed save left nothing behind
+    plt.close(fig)
 
 
 def test_unserializable_metric_leaves_no_file(tmp_path):
