@@ -13,8 +13,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['NAMED_POINTS', 'REDUCTIONS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed', 'student_zero_allowed',
            'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'check_hyperparameters',
-           'check_logits', 'check_reduction', 'mask_from_labels', 'check_logit_values', 'ab_divergence', 'ABDivergence',
-           'named_points_table', 'plot_ab_plane']
+           'check_logits', 'check_reduction', 'mask_from_labels', 'check_logit_values', 'check_ab_logit_values',
+           'apply_divergence', 'ab_divergence', 'ABDivergence', 'named_points_table', 'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
 def _psi_series_threshold(dtype: torch.dtype) -> float:
@@ -209,8 +209,9 @@ def _first_index(flags: Tensor, shape) -> tuple:
     flat = int(flags.reshape(-1).nonzero()[0, 0])
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
 
-def check_logit_values(student_rows: Tensor, teacher_rows: Tensor, alpha: float, beta: float) -> None:
-    "Value checks on kept [N, V] rows: finite or −inf only, no empty row, −inf on one side only where D_AB is finite."
+def check_logit_values(student_rows: Tensor, teacher_rows: Tensor, *, teacher_zero_ok: bool, student_zero_ok: bool,
+                       name: str = "the divergence", teacher_zero_hint: str = "", student_zero_hint: str = "") -> None:
+    "Value checks on kept [N, V] rows: finite or −inf only, no empty row, one-sided −inf only where the value is finite."
     s_inf, t_inf = torch.isneginf(student_rows), torch.isneginf(teacher_rows)
     checks = {
         "student_nan": torch.isnan(student_rows) | torch.isposinf(student_rows),
@@ -227,14 +228,21 @@ def check_logit_values(student_rows: Tensor, teacher_rows: Tensor, alpha: float,
         if found[f"{side}_empty"]:
             raise ValueError(f"{side}_logits has {int(checks[f'{side}_empty'].sum())} kept positions whose logits are all "
                              "-inf (no probability distribution); exclude them with mask=")
-    rules = (("teacher_only", "teacher_logits", "student_logits", "p_k = 0 < q_k", teacher_zero_allowed, "alpha > 0"),
-             ("student_only", "student_logits", "teacher_logits", "q_k = 0 < p_k", student_zero_allowed, "beta > 0"))
-    for key, side, other, what, allowed, cond in rules:
-        if found[key] and not allowed(alpha, beta):
-            raise ValueError(
-                f"{side} is -inf where {other} is finite at {int(checks[key].sum())} entries ({what}): D_AB is +inf "
-                f"there unless {cond} and alpha + beta > 0 (got alpha={alpha}, beta={beta}). Set {other} to -inf at the "
-                "same entries (exclude the token on both sides) or choose alpha, beta accordingly.")
+    rules = (("teacher_only", "teacher_logits", "student_logits", "p_k = 0 < q_k", teacher_zero_ok, teacher_zero_hint),
+             ("student_only", "student_logits", "teacher_logits", "q_k = 0 < p_k", student_zero_ok, student_zero_hint))
+    for key, side, other, what, ok, hint in rules:
+        if found[key] and not ok:
+            raise ValueError(f"{side} is -inf where {other} is finite at {int(checks[key].sum())} entries ({what}): "
+                             f"{name} is +inf there{hint}. Set {other} to -inf at the same entries (exclude the token "
+                             "on both sides)" + (" or change the hyperparameters." if hint else "."))
+
+def check_ab_logit_values(student_rows: Tensor, teacher_rows: Tensor, alpha: float, beta: float) -> None:
+    "`check_logit_values` with the α-β rules: p = 0 < q needs α > 0 and σ > 0; q = 0 < p needs β > 0 and σ > 0."
+    got = f" (got alpha={alpha}, beta={beta})"
+    check_logit_values(student_rows, teacher_rows, name="D_AB",
+                       teacher_zero_ok=teacher_zero_allowed(alpha, beta), student_zero_ok=student_zero_allowed(alpha, beta),
+                       teacher_zero_hint=" unless alpha > 0 and alpha + beta > 0" + got,
+                       student_zero_hint=" unless beta > 0 and alpha + beta > 0" + got)
 
 # %% ../nbs/00_divergence.ipynb #ae8fd0fd
 def _reduce(values: Tensor, reduction: str, n_kept: int, leading_shape: tuple) -> Tensor:
@@ -245,11 +253,10 @@ def _reduce(values: Tensor, reduction: str, n_kept: int, leading_shape: tuple) -
     if reduction == "mean": return total / max(n_kept, 1)
     return total / max(leading_shape[0], 1) if leading_shape else total      # batchmean
 
-def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
-                  temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
-    "α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim."
-    from abkd.gradients import ABDivergenceFunction   # the closed-form backward (next notebook)
-    alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
+def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor, *,
+                     mask: Optional[Tensor] = None, reduction: str = "mean",
+                     check_values: Optional[Callable[[Tensor, Tensor], None]] = None) -> Tensor:
+    "Check inputs, run `per_row([N, V] student, [N, V] teacher) -> [N]` on the unmasked positions, reduce."
     check_logits(student_logits, teacher_logits, mask)
     reduction = check_reduction(reduction)
     leading, V = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
@@ -257,10 +264,19 @@ def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, 
     n = s2.shape[0]
     keep = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
     if keep is not None: s2, t2 = s2.index_select(0, keep), t2.index_select(0, keep)
-    check_logit_values(s2.detach(), t2.detach(), alpha, beta)
-    values = ABDivergenceFunction.apply(s2, t2, alpha, beta, temperature)
+    if check_values is not None: check_values(s2.detach(), t2.detach())
+    values = per_row(s2, t2)
     if keep is not None: values = values.new_zeros(n).index_copy(0, keep, values)
     return _reduce(values, reduction, n if keep is None else keep.numel(), leading)
+
+def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
+                  temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    "α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim."
+    from abkd.gradients import ABDivergenceFunction   # the closed-form backward (next notebook)
+    alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
+    return apply_divergence(lambda s, t: ABDivergenceFunction.apply(s, t, alpha, beta, temperature),
+                            student_logits, teacher_logits, mask=mask, reduction=reduction,
+                            check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
 
 class ABDivergence(torch.nn.Module):
     "`ab_divergence` as a module: `ABDivergence(alpha, beta)(student_logits, teacher_logits, mask=None)`."
