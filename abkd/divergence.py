@@ -12,9 +12,10 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['NAMED_POINTS', 'REDUCTIONS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed', 'student_zero_allowed',
-           'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'check_hyperparameters',
-           'check_logits', 'check_reduction', 'mask_from_labels', 'check_logit_values', 'check_ab_logit_values',
-           'apply_divergence', 'ab_divergence', 'ABDivergence', 'named_points_table', 'plot_ab_plane']
+           'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'as_real',
+           'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'check_logit_values',
+           'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'ab_divergence', 'ABDivergence',
+           'named_points_table', 'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
 def _psi_series_threshold(dtype: torch.dtype) -> float:
@@ -24,9 +25,13 @@ def _psi_series_threshold(dtype: torch.dtype) -> float:
 def psi1(d: Tensor) -> Tensor:
     "ψ(d) = (1 − e^{−d})/d for d ≥ 0, ψ(0) = 1: the divided difference e[−d, 0]."
     small = d < _psi_series_threshold(d.dtype)
-    d_safe = torch.where(small, torch.ones_like(d), d)         # keeps the unused branch finite
-    series = 1 - d * (0.5 - d * (1 / 6 - d / 24))               # 1 − d/2 + d²/6 − d³/24
-    return torch.where(small, series, -torch.expm1(-d_safe) / d_safe)
+    d_safe = d.masked_fill(small, 1.0)                          # keeps the unused branch finite
+    out = -torch.expm1(-d_safe) / d_safe
+    if bool(small.any()):                                       # 1 − d/2 + d²/6 − d³/24 where d is tiny
+        idx = small.nonzero(as_tuple=True)
+        ds = d[idx]
+        out = out.index_put(idx, 1 - ds * (0.5 - ds * (1 / 6 - ds / 24)))
+    return out
 
 def exp_dd1(u: Tensor, v: Tensor) -> Tensor:
     "First divided difference of exp, e[u, v] = (e^v − e^u)/(v − u) = e^{max(u,v)}·ψ(|u − v|)."
@@ -63,10 +68,11 @@ def exp_dd2(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     b = _median3(x, y, z)                              # middle node
     h_lo, h_hi, spread = b - a, c - b, c - a
     close = spread < _spread_threshold(spread.dtype)
-    spread_safe = torch.where(close, torch.ones_like(spread), spread)
-    quotient = torch.exp(c) * (psi1(h_hi) - torch.exp(-h_hi) * psi1(h_lo)) / spread_safe
-    series = torch.exp(b) * _dd2_series(-h_lo, h_hi)
-    return torch.where(close, series, quotient)
+    out = torch.exp(c) * (psi1(h_hi) - torch.exp(-h_hi) * psi1(h_lo)) / spread.masked_fill(close, 1.0)
+    if bool(close.any()):                                       # the series only where the nodes are close
+        idx = close.nonzero(as_tuple=True)
+        out = out.index_put(idx, torch.exp(b[idx]) * _dd2_series(-h_lo[idx], h_hi[idx]))
+    return out
 
 # %% ../nbs/00_divergence.ipynb #bf50ae4d
 def ab_terms(lp: Tensor, lq: Tensor, alpha: float, beta: float) -> Tensor:
@@ -146,7 +152,7 @@ NAMED_POINTS = (
 # %% ../nbs/00_divergence.ipynb #f585ff3a
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
-def _as_real(value, name: str) -> float:
+def as_real(value, name: str) -> float:
     "A finite real hyperparameter as a Python float, or an error naming it."
     if isinstance(value, Tensor):
         if value.numel() != 1: raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
@@ -159,7 +165,7 @@ def _as_real(value, name: str) -> float:
 
 def check_hyperparameters(alpha, beta, temperature=1.0) -> tuple[float, float, float]:
     "Validate α, β (any finite reals) and T (finite, > 0); return them as floats."
-    alpha, beta, temperature = _as_real(alpha, "alpha"), _as_real(beta, "beta"), _as_real(temperature, "temperature")
+    alpha, beta, temperature = as_real(alpha, "alpha"), as_real(beta, "beta"), as_real(temperature, "temperature")
     if temperature <= 0: raise ValueError(f"temperature must be > 0, got {temperature}")
     return alpha, beta, temperature
 
@@ -212,6 +218,7 @@ def _first_index(flags: Tensor, shape) -> tuple:
 def check_logit_values(student_rows: Tensor, teacher_rows: Tensor, *, teacher_zero_ok: bool, student_zero_ok: bool,
                        name: str = "the divergence", teacher_zero_hint: str = "", student_zero_hint: str = "") -> None:
     "Value checks on kept [N, V] rows: finite or −inf only, no empty row, one-sided −inf only where the value is finite."
+    if bool(torch.isfinite(student_rows).all() & torch.isfinite(teacher_rows).all()): return   # the common case
     s_inf, t_inf = torch.isneginf(student_rows), torch.isneginf(teacher_rows)
     checks = {
         "student_nan": torch.isnan(student_rows) | torch.isposinf(student_rows),
@@ -245,7 +252,7 @@ def check_ab_logit_values(student_rows: Tensor, teacher_rows: Tensor, alpha: flo
                        student_zero_hint=" unless beta > 0 and alpha + beta > 0" + got)
 
 # %% ../nbs/00_divergence.ipynb #ae8fd0fd
-def _reduce(values: Tensor, reduction: str, n_kept: int, leading_shape: tuple) -> Tensor:
+def reduce_values(values: Tensor, reduction: str, n_kept: int, leading_shape: tuple) -> Tensor:
     "Apply `reduction` to per-position values (masked positions already 0)."
     if reduction == "none": return values.reshape(leading_shape)
     total = values.sum()
@@ -267,7 +274,7 @@ def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits
     if check_values is not None: check_values(s2.detach(), t2.detach())
     values = per_row(s2, t2)
     if keep is not None: values = values.new_zeros(n).index_copy(0, keep, values)
-    return _reduce(values, reduction, n if keep is None else keep.numel(), leading)
+    return reduce_values(values, reduction, n if keep is None else keep.numel(), leading)
 
 def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
                   temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:

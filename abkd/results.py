@@ -86,6 +86,11 @@ def _check_metrics(m: Any, where: str) -> None:
         raise TypeError(f"metric {where}: {m!r} is not a number")
 
 # %% ../nbs/90_results.ipynb #41c7fbf7
+def _default_file_mode() -> int:
+    "The mode `open()` would give a new file: 0o666 minus the process umask."
+    umask = os.umask(0); os.umask(umask)
+    return 0o666 & ~umask
+
 def atomic_write_text(path, text: str) -> None:
     "Write `text` to `path` through a temporary file in the same directory and `os.replace`."
     path = Path(path)
@@ -94,6 +99,7 @@ def atomic_write_text(path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text); f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())              # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
@@ -127,6 +133,7 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise

@@ -295,3 +295,12 @@ def test_render_table_defaults_and_decimals():
     assert "| 5 [1] |" in spread[2] and "75.80 [1]" in spread[2]  # integers stay integers
     only_ours = render_table(["x"], ["acc"], {"x": {"acc": 1.0}}).splitlines()
     assert only_ours[0] == "|  | acc ours |" and "Sources:" not in only_ours
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_record(tmp_path / "r.json", experiment="e", config={}, metrics={"a": 1.0})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
