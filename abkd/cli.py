@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import abkd
 from .divergence import named_points_table, plot_ab_plane
+from . import dynamics
 from .results import load_record, markdown_table, save_figure, save_record, atomic_write_text
 
 # %% auto #0
@@ -42,7 +43,7 @@ def run_theory(out_dir: Path, scale: str = "smoke") -> list[Path]:
     fig = plot_ab_plane()
     figure_path = save_figure(fig, out_dir / "theory" / "ab_plane.png")
     plt.close(fig)
-    return [record_path, table_path, figure_path]
+    return [record_path, table_path, figure_path] + dynamics.reproduce(out_dir, scale, seed=THEORY_SEED)
 
 def write_named_points_table(record_path: Path, table_path: Path) -> Path:
     "Render the named-points markdown table from its JSON record."
@@ -65,7 +66,8 @@ class Experiment:
     run: Callable[[Path, str], list]
 
 EXPERIMENTS = {e.name: e for e in [
-    Experiment("theory", "named points of the α-β family vs their closed forms; the (α, β) plane", run_theory),
+    Experiment("theory", "named points, the (α, β) plane, log mass ratio, concentration claims, controlled experiment",
+               run_theory),
 ]}
 SCALES = ("smoke", "paper")
 
