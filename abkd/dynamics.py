@@ -18,12 +18,12 @@ from .gradients import ab_divergence_grad
 # %% auto #0
 __all__ = ['RELOCATION_LOSSES', 'CONTROLLED_SCALES', 'first_order_log_mass_ratio', 'exact_log_mass_ratio', 'first_order_error',
            'plot_first_order_error', 'weighting_factor', 'matching_factor', 'equal_error_pairs', 'one_step_changes',
-           'check_fkl_error_alone', 'check_rkl_confidence_order', 'confidence_factor_share', 'hardness_factor_share',
-           'random_structured_example', 'check_ab_concentration', 'structured_example', 'step_for_mass',
-           'mass_reallocation', 'plot_mass_reallocation', 'hardness_share', 'confidence_share', 'concentration_grid',
-           'plot_concentration_grid', 'ControlledTask', 'student_model', 'evaluate_student', 'train_student',
-           'controlled_experiment', 'composite_score', 'best_point', 'plot_controlled', 'run_controlled',
-           'concentration_stats', 'claims_table', 'reproduce']
+           'check_fkl_error_alone', 'check_rkl_confidence_order', 'plot_equal_error_pairs', 'confidence_factor_share',
+           'hardness_factor_share', 'random_structured_example', 'check_ab_concentration', 'plot_concentration_factors',
+           'structured_example', 'step_for_mass', 'mass_reallocation', 'plot_mass_reallocation', 'hardness_share',
+           'confidence_share', 'concentration_grid', 'plot_concentration_grid', 'ControlledTask', 'student_model',
+           'evaluate_student', 'train_student', 'controlled_experiment', 'composite_score', 'best_point',
+           'plot_controlled', 'run_controlled', 'concentration_stats', 'claims_table', 'reproduce']
 
 # %% ../nbs/02_mass_concentration.ipynb #f7fecec7
 def first_order_log_mass_ratio(student_logits: Tensor, grad: Tensor, lr: float) -> Tensor:
@@ -126,6 +126,28 @@ def check_rkl_confidence_order(n_draws: int = 500, vocab: int = 50, lr: float = 
     return dict(draws=n_draws, lr=lr, under_estimated_pairs=len(under), under_holds=sum(under),
                 over_estimated_pairs=len(over), over_holds=sum(over), worst_margin=worst)
 
+# %% ../nbs/02_mass_concentration.ipynb #0fba7577
+def plot_equal_error_pairs(n_draws: int = 300, vocab: int = 50, lr: float = 1e-4, seed: int = 0):
+    "Claims (a) and (b) as a picture: per equal-error pair, Δ(more confident class) against Δ(less confident class)."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, (name, a, b) in zip(axes, (("FKL (1, 0)", 1.0, 0.0), ("RKL (0, 1)", 0.0, 1.0))):
+        pts = {True: [], False: []}
+        for s, t, i, j, delta in equal_error_pairs(n_draws, vocab, seed):
+            d = one_step_changes(s, t, a, b, lr)
+            d = (d - d.mean()) / lr
+            pts[delta > 0].append((d[j].item(), d[i].item()))
+        for under, color in ((True, "tab:green"), (False, "tab:red")):
+            x, y = zip(*pts[under])
+            ax.scatter(x, y, s=6, color=color, label="under-estimated (δ > 0)" if under else "over-estimated (δ < 0)")
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set(xlabel="Δ log q of the less confident class / η", ylabel="Δ log q of the more confident class / η",
+               title=f"{name}: pairs with equal error p − q")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/02_mass_concentration.ipynb #0d56a1e6
 def _top_share(weights: Tensor, keys: Tensor, k: int) -> Tensor:
     "Share of Σ weights (last dim) that falls on the k entries with the largest keys."
@@ -172,6 +194,40 @@ def check_ab_concentration(n_draws: int = 200, vocab: int = 100, k: int = 10, se
         out[regime] = dict(confidence_increases_with_beta=c_ok, hardness_decreases_with_alpha=h_ok,
                            both_move_together_on_sigma_1=coupled)
     return out
+
+# %% ../nbs/02_mass_concentration.ipynb #848e78a8
+def plot_concentration_factors(n_draws: int = 100, vocab: int = 100, k: int = 10, seed: int = 2):
+    "Claim (c) as a picture: H(α) and C(β) over random draws per regime, and the (H, C) pairs AB reaches vs σ = 1."
+    import matplotlib.pyplot as plt
+    grid = torch.linspace(0, 1, 21).tolist()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for regime, color in (("tail", "tab:blue"), ("target_missed", "tab:orange")):
+        gen = torch.Generator().manual_seed(seed)
+        H, C = [], []
+        for _ in range(n_draws):
+            s, t = random_structured_example(vocab, gen, regime)
+            lp, lq = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+            H.append(torch.stack([hardness_factor_share(lp, lq, a, k) for a in grid]))
+            C.append(torch.stack([confidence_factor_share(lq, b, k) for b in grid]))
+        for ax, Z in ((axes[0], torch.stack(H)), (axes[1], torch.stack(C))):
+            q10, q50, q90 = Z.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=Z.dtype), dim=0)
+            ax.plot(grid, q50, color=color, label=f"regime '{regime}'")
+            ax.fill_between(grid, q10, q90, color=color, alpha=0.2)
+    axes[0].set(xlabel="α", ylabel=f"hardness factor share H (top {k})", title="H(α): falls with α in the tail regime")
+    axes[1].set(xlabel="β", ylabel=f"confidence factor share C (top {k})", title="C(β): rises with β, any q")
+    axes[0].legend(fontsize=7); axes[1].legend(fontsize=7)
+    s, t = random_structured_example(vocab, torch.Generator().manual_seed(seed))
+    lp, lq = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    pts = torch.tensor([[hardness_factor_share(lp, lq, a, k).item(), confidence_factor_share(lq, b, k).item()]
+                        for a in grid for b in grid])
+    line = torch.tensor([[hardness_factor_share(lp, lq, a, k).item(), confidence_factor_share(lq, 1 - a, k).item()]
+                         for a in grid])
+    axes[2].scatter(pts[:, 0], pts[:, 1], s=5, color="0.7", label="AB, (α, β) ∈ [0, 1]²")
+    axes[2].plot(line[:, 0], line[:, 1], "k-", lw=1.5, label="σ = 1 (α-divergence)")
+    axes[2].set(xlabel="H", ylabel="C", title="reachable (H, C): a surface vs a curve")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/02_mass_concentration.ipynb #29349c2e
 def structured_example(vocab: int = 100, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -485,6 +541,8 @@ def reproduce(out_dir, scale: str = "smoke", seed: int = 0) -> list[Path]:
                          "c_target_missed_regime": dict(draws=c["draws"], **c["target_missed"])})
     atomic_write_text(out / "claims.md", claims_table(load_record(path)))
     written.extend([path, out / "claims.md"])
+    figure(plot_equal_error_pairs(min(n_draws, 300)), "claims_fkl_rkl.png")
+    figure(plot_concentration_factors(n_draws // 5), "claims_concentration.png")
 
     s0, t0 = structured_example()
     figure(plot_mass_reallocation(s0, t0), "mass_reallocation.png")

@@ -12,7 +12,8 @@ from abkd.cli import EXPERIMENTS, main, write_named_points_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-THEORY_FILES = ["ab_plane.png", "claims.json", "claims.md", "concentration_heatmaps.png", "controlled.json",
+THEORY_FILES = ["ab_plane.png", "claims.json", "claims.md", "claims_concentration.png", "claims_fkl_rkl.png",
+                "concentration_heatmaps.png", "controlled.json",
                 "controlled.md", "controlled_V100.png", "controlled_V10000.png", "first_order_error.json",
                 "first_order_error.md", "first_order_error.png", "mass_reallocation.png", "named_points.json",
                 "named_points.md"]
