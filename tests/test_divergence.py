@@ -13,13 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import abkd
+from cases import GRID, _ids, ab, randn
 from reference import closed_form_gradient, ref_ab_divergence, ref_ab_gradient, to_float64
 
 # ----------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------
-GRID = [(1, 0), (0, 1), (0, 0), (0.5, 0.5), (1, 1), (0.5, -0.5), (2, -0.5), (-0.3, 1.2),
-        (1e-7, 0.7), (0.7, 1e-7), (0.3, -0.3 + 1e-7)]
 # (alpha, beta, temperature) cases with T != 1
 TEMPERATURE_CASES = [(1, 0, 2.0), (0.5, -0.5, 0.7), (-0.3, 1.2, 3.0), (0, 0, 1.5), (0.2, 0.9, 4.0)]
 # small but not tiny |alpha|, |beta|, |sigma|: where a stable implementation switches between
@@ -27,19 +26,6 @@ TEMPERATURE_CASES = [(1, 0, 2.0), (0.5, -0.5, 0.7), (-0.3, 1.2, 3.0), (0, 0, 1.5
 SWITCH_CASES = [(1e-3, 1e-3, 1.0), (3e-3, -1e-3, 1.0), (-2e-3, 5e-3, 1.0), (0.02, 0.03, 1.0), (0.05, -0.04, 1.0),
                 (0.3, -0.295, 1.0), (1e-3, 0.0, 1.0), (0.0, -4e-3, 1.0), (0.01, 0.01, 5.0)]
 ALL_CASES = [(a, b, 1.0) for a, b in GRID] + TEMPERATURE_CASES + SWITCH_CASES
-
-
-def _ids(cases):
-    return [",".join(repr(v) for v in c) for c in cases]
-
-
-def randn(*shape, seed=0, scale=2.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def ab(s, t, a, b, **kw):
-    return abkd.ab_divergence(s, t, a, b, **kw)
 
 
 def rel_err(x, ref):

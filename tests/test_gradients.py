@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import abkd
+from cases import GRID, _ids, ab, randn
 from reference import closed_form_gradient, ref_ab_gradient
 
-GRID = [(1, 0), (0, 1), (0, 0), (0.5, 0.5), (1, 1), (0.5, -0.5), (2, -0.5), (-0.3, 1.2),
-        (1e-7, 0.7), (0.7, 1e-7), (0.3, -0.3 + 1e-7)]
 TEMPERATURE_CASES = [(1, 0, 2.0), (0.5, -0.5, 0.7), (-0.3, 1.2, 3.0), (0, 0, 1.5), (0.2, 0.9, 4.0)]
 # small but not tiny |alpha|, |beta|, |sigma|: where a stable implementation switches between
 # series and direct evaluation (the nodes sigma*log p, alpha*log p + beta*log q, sigma*log q are ~1e-3..1e-1 apart)
@@ -21,19 +20,6 @@ SWITCH_CASES = [(1e-3, 1e-3, 1.0), (3e-3, -1e-3, 1.0), (-2e-3, 5e-3, 1.0), (0.02
 ALL_CASES = [(a, b, 1.0) for a, b in GRID] + TEMPERATURE_CASES + SWITCH_CASES
 GRADCHECK_CASES = GRID + [(-1.0, -0.5), (-0.7, 0.0), (0.0, -0.6), (-1e-7, 1e-7), (1e-7, 1e-7),
                           (1.3, -1.3), (1.3, -1.3 + 1e-7), (-2.0, 1.5), (1.5, 2.0)]
-
-
-def _ids(cases):
-    return [",".join(repr(v) for v in c) for c in cases]
-
-
-def randn(*shape, seed=0, scale=2.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def ab(s, t, a, b, **kw):
-    return abkd.ab_divergence(s, t, a, b, **kw)
 
 
 def grads(s, t, a, b, reduction="sum", grad_output=None, **kw):
