@@ -111,7 +111,8 @@ def check_fkl_error_alone(n_draws: int = 500, vocab: int = 50, lr: float = 1e-4,
     gaps_fkl, gaps_rkl = [], []
     for s, t, i, j, _ in equal_error_pairs(n_draws, vocab, seed):
         for (a, b), gaps in (((1., 0.), gaps_fkl), ((0., 1.), gaps_rkl)):
-            d = one_step_changes(s, t, a, b, lr) - one_step_changes(s, t, a, b, lr).mean()   # drop the shared shift
+            d = one_step_changes(s, t, a, b, lr)
+            d = d - d.mean()                                                  # drop the shared shift
             gaps.append((abs(d[i] - d[j]) / max(abs(d[i]), abs(d[j]))).item())
     return dict(draws=n_draws, lr=lr, fkl_worst_gap=max(gaps_fkl), rkl_median_gap=sorted(gaps_rkl)[len(gaps_rkl) // 2])
 
