@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['NAMED_POINTS', 'REDUCTIONS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed', 'student_zero_allowed',
-           'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'as_real',
-           'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'check_logit_values',
-           'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'ab_divergence', 'ABDivergence',
-           'named_points_table', 'plot_ab_plane']
+__all__ = ['NAMED_POINTS', 'REDUCTIONS', 'IMPLS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed',
+           'student_zero_allowed', 'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint',
+           'as_real', 'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels',
+           'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'triton_available',
+           'resolve_impl', 'per_row_function', 'ab_divergence', 'ABDivergence', 'named_points_table', 'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
 def _psi_series_threshold(dtype: torch.dtype) -> float:
@@ -276,26 +276,68 @@ def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits
     if keep is not None: values = values.new_zeros(n).index_copy(0, keep, values)
     return reduce_values(values, reduction, n if keep is None else keep.numel(), leading)
 
+IMPLS = ("auto", "triton", "chunked", "reference")
+
+def triton_available() -> bool:
+    "Can Triton kernels run here? (the triton package, and a CUDA device or TRITON_INTERPRET=1)."
+    import importlib.util, os
+    if importlib.util.find_spec("triton") is None: return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    "The implementation `impl` names for logits on `device`: 'auto' is Triton on CUDA when available, else chunked."
+    import importlib.util, os
+    if impl not in IMPLS: raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto": return "triton" if device.type == "cuda" and triton_available() else "chunked"
+    if impl == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("impl='triton' needs the triton package (pip install triton); impl='chunked' runs without it")
+        if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"impl='triton' needs CUDA logits, got logits on {device}: move them to a CUDA device, use "
+                             "impl='chunked', or set TRITON_INTERPRET=1 before importing abkd (CPU tests only, slow)")
+    return impl
+
+def per_row_function(impl: str, device: torch.device) -> Callable:
+    "`f(student [N, V], teacher [N, V], α, β, T) -> D_AB per row` of the implementation `impl` (see `resolve_impl`)."
+    impl = resolve_impl(impl, device)
+    if impl == "reference":
+        from abkd.gradients import ABDivergenceFunction   # the closed-form backward (next notebook)
+        return ABDivergenceFunction.apply
+    if impl == "chunked":
+        from abkd.kernels.chunked import ab_divergence_chunked
+        return ab_divergence_chunked
+    from abkd.kernels.triton_kernels import ab_divergence_triton
+    return ab_divergence_triton
+
 def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
-                  temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
-    "α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim."
-    from abkd.gradients import ABDivergenceFunction   # the closed-form backward (next notebook)
+                  temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",
+                  impl: str = "auto") -> Tensor:
+    """α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim.
+
+    `impl`: 'auto' (Triton on CUDA when available, else 'chunked'), 'triton', 'chunked', or 'reference' (the
+    closed-form core of this notebook and the next). All four give the same values and gradients."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
-    return apply_divergence(lambda s, t: ABDivergenceFunction.apply(s, t, alpha, beta, temperature),
+    if isinstance(student_logits, Tensor): per_row = per_row_function(impl, student_logits.device)
+    else: per_row = None                                           # apply_divergence reports the type error
+    return apply_divergence(lambda s, t: per_row(s, t, alpha, beta, temperature),
                             student_logits, teacher_logits, mask=mask, reduction=reduction,
                             check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
 
 class ABDivergence(torch.nn.Module):
     "`ab_divergence` as a module: `ABDivergence(alpha, beta)(student_logits, teacher_logits, mask=None)`."
-    def __init__(self, alpha: float, beta: float, temperature: float = 1.0, reduction: str = "mean"):
+    def __init__(self, alpha: float, beta: float, temperature: float = 1.0, reduction: str = "mean",
+                 impl: str = "auto"):
         super().__init__()
         self.alpha, self.beta, self.temperature = check_hyperparameters(alpha, beta, temperature)
         self.reduction = check_reduction(reduction)
+        if impl not in IMPLS: raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return ab_divergence(student_logits, teacher_logits, self.alpha, self.beta, temperature=self.temperature,
-                             mask=mask, reduction=self.reduction)
+                             mask=mask, reduction=self.reduction, impl=self.impl)
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"impl={self.impl!r}")
 
 # %% ../nbs/00_divergence.ipynb #1c36545f
 def named_points_table(student_logits: Tensor, teacher_logits: Tensor) -> list[dict]:
