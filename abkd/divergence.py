@@ -262,19 +262,28 @@ def reduce_values(values: Tensor, reduction: str, n_kept: int, leading_shape: tu
 
 def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor, *,
                      mask: Optional[Tensor] = None, reduction: str = "mean",
-                     check_values: Optional[Callable[[Tensor, Tensor], None]] = None) -> Tensor:
-    "Check inputs, run `per_row([N, V] student, [N, V] teacher) -> [N]` on the unmasked positions, reduce."
+                     check_values: Optional[Callable[[Tensor, Tensor], None]] = None, native_mask: bool = False) -> Tensor:
+    """Check inputs, run `per_row([N, V] student, [N, V] teacher) -> [N]` on the unmasked positions, reduce.
+
+    With `native_mask=True`, `per_row(s, t, row_mask)` gets all rows and the flat row mask (None: all kept) and
+    returns 0 for the masked rows, instead of receiving a gathered copy of the kept rows."""
     check_logits(student_logits, teacher_logits, mask)
     reduction = check_reduction(reduction)
     leading, V = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
     n = s2.shape[0]
     keep = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+    n_kept = n if keep is None else keep.numel()
+    if native_mask:
+        if check_values is not None and not bool(torch.isfinite(s2).all() & torch.isfinite(t2).all()):
+            check_values(*((s2.detach(), t2.detach()) if keep is None else (s2.detach()[keep], t2.detach()[keep])))
+        values = per_row(s2, t2, None if keep is None else mask.reshape(-1))
+        return reduce_values(values, reduction, n_kept, leading)
     if keep is not None: s2, t2 = s2.index_select(0, keep), t2.index_select(0, keep)
     if check_values is not None: check_values(s2.detach(), t2.detach())
     values = per_row(s2, t2)
     if keep is not None: values = values.new_zeros(n).index_copy(0, keep, values)
-    return reduce_values(values, reduction, n if keep is None else keep.numel(), leading)
+    return reduce_values(values, reduction, n_kept, leading)
 
 IMPLS = ("auto", "triton", "chunked", "reference")
 
@@ -317,10 +326,11 @@ def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, 
     `impl`: 'auto' (Triton on CUDA when available, else 'chunked'), 'triton', 'chunked', or 'reference' (the
     closed-form core of this notebook and the next). All four give the same values and gradients."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
-    if isinstance(student_logits, Tensor): per_row = per_row_function(impl, student_logits.device)
-    else: per_row = None                                           # apply_divergence reports the type error
-    return apply_divergence(lambda s, t: per_row(s, t, alpha, beta, temperature),
-                            student_logits, teacher_logits, mask=mask, reduction=reduction,
+    device = student_logits.device if isinstance(student_logits, Tensor) else torch.device("cpu")
+    per_row = per_row_function(impl, device)                       # (type errors are reported by apply_divergence)
+    native = getattr(per_row, "takes_row_mask", False)            # the Triton kernel skips masked rows itself
+    return apply_divergence(lambda s, t, *m: per_row(s, t, alpha, beta, temperature, *m),
+                            student_logits, teacher_logits, mask=mask, reduction=reduction, native_mask=native,
                             check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
 
 class ABDivergence(torch.nn.Module):
