@@ -13,7 +13,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['NAMED_POINTS', 'REDUCTIONS', 'IMPLS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed',
            'student_zero_allowed', 'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint',
-           'as_real', 'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels',
+           'as_real', 'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'all_finite',
            'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'triton_available',
            'resolve_impl', 'per_row_function', 'ab_divergence', 'ABDivergence', 'named_points_table', 'plot_ab_plane']
 
@@ -215,10 +215,14 @@ def _first_index(flags: Tensor, shape) -> tuple:
     flat = int(flags.reshape(-1).nonzero()[0, 0])
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
 
+def all_finite(x: Tensor) -> bool:
+    "Is every entry of x finite? One reduction: a finite sum has no NaN/±inf term (an overflow answers False)."
+    return bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
+
 def check_logit_values(student_rows: Tensor, teacher_rows: Tensor, *, teacher_zero_ok: bool, student_zero_ok: bool,
                        name: str = "the divergence", teacher_zero_hint: str = "", student_zero_hint: str = "") -> None:
     "Value checks on kept [N, V] rows: finite or −inf only, no empty row, one-sided −inf only where the value is finite."
-    if bool(torch.isfinite(student_rows).all() & torch.isfinite(teacher_rows).all()): return   # the common case
+    if all_finite(student_rows) and all_finite(teacher_rows): return          # the common case
     s_inf, t_inf = torch.isneginf(student_rows), torch.isneginf(teacher_rows)
     checks = {
         "student_nan": torch.isnan(student_rows) | torch.isposinf(student_rows),
@@ -275,7 +279,7 @@ def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits
     keep = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
     n_kept = n if keep is None else keep.numel()
     if native_mask:
-        if check_values is not None and not bool(torch.isfinite(s2).all() & torch.isfinite(t2).all()):
+        if check_values is not None and not (all_finite(s2) and all_finite(t2)):
             check_values(*((s2.detach(), t2.detach()) if keep is None else (s2.detach()[keep], t2.detach()[keep])))
         values = per_row(s2, t2, None if keep is None else mask.reshape(-1))
         return reduce_values(values, reduction, n_kept, leading)

@@ -27,7 +27,8 @@ import torch
 
 # id -> table label, in the order they run (abkd first: the others are compared with it)
 IMPLS = {
-    "abkd": "abkd",
+    "abkd": "abkd (chunked kernel path, the CPU default)",
+    "abkd_reference": "abkd impl='reference' (the closed-form core)",
     "plain_branch_free": "plain autograd (branch-free log-space formula)",
     "plain_log_general": "plain autograd (log-space general formula)",
     "official_style": "official-style (probability space)",
@@ -45,9 +46,10 @@ def _impl_fns(impl: str):
     import abkd
     from abkd.gradients import ab_divergence_autograd
     from official_style import ab_divergence_log_general, ab_divergence_official_style
-    if impl == "abkd":
-        return (lambda s, t, a, b: abkd.ab_divergence(s, t, a, b, reduction="none"),
-                lambda s, t, a, b: abkd.ab_divergence(s, t, a, b, reduction="sum"))
+    if impl in ("abkd", "abkd_reference"):
+        kind = "chunked" if impl == "abkd" else "reference"
+        return (lambda s, t, a, b: abkd.ab_divergence(s, t, a, b, reduction="none", impl=kind),
+                lambda s, t, a, b: abkd.ab_divergence(s, t, a, b, reduction="sum", impl=kind))
     rows = {"plain_branch_free": ab_divergence_autograd,
             "plain_log_general": ab_divergence_log_general,
             "official_style": ab_divergence_official_style}[impl]

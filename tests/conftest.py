@@ -6,3 +6,8 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+# Triton kernels run on CPU tensors under the interpreter; the flag must be set before triton compiles anything.
+import torch as _torch
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,8 +13,9 @@ from ..divergence import ab_terms_masked, compute_dtype
 from ..gradients import student_factor, teacher_factor
 
 # %% auto #0
-__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'horner_', 'below_',
-           'psi_', 'ab_terms_', 'grad_factor_', 'chunk_rows', 'ChunkedABDivergence', 'ab_divergence_chunked']
+__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'scratch_for',
+           'horner_', 'below_', 'psi_', 'ab_terms_', 'grad_factor_', 'chunk_rows', 'ChunkedABDivergence',
+           'ab_divergence_chunked']
 
 # %% ../../nbs/05_kernels.ipynb #13a39654
 def _unit_roundoff(dtype: torch.dtype) -> float: return torch.finfo(dtype).eps / 2
@@ -73,6 +74,15 @@ class Scratch:
             self.buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
         return self.buffers[name][:n]
     def nbytes(self) -> int: return sum(b.nbytes for b in self.buffers.values())
+
+_LAST_SCRATCH: list = []          # the most recent Scratch, reused by the next call with the same geometry
+
+def scratch_for(rows: int, vocab: int, dtype: torch.dtype, device) -> Scratch:
+    "A Scratch for this geometry: the previous call's if it matches (its pages are already mapped), else a new one."
+    key = (rows, vocab, dtype, torch.device(device))
+    if _LAST_SCRATCH and _LAST_SCRATCH[0][0] == key: return _LAST_SCRATCH[0][1]
+    _LAST_SCRATCH[:] = [(key, Scratch(rows, vocab, dtype, device))]
+    return _LAST_SCRATCH[0][1]
 
 def horner_(x: Tensor, coefs: tuple, out: Tensor) -> Tensor:
     "Σ_n coefs[n]·x^n into `out` (Horner; one fused multiply-add per term)."
@@ -164,7 +174,7 @@ class ChunkedABDivergence(torch.autograd.Function):
         s, t = student_logits, teacher_logits
         dtype, (n, V) = compute_dtype(s, t), s.shape
         plan, inv_t, step = ab_plan(alpha, beta, dtype), 1.0 / temperature, chunk_rows(n, V, chunk_elements)
-        W = Scratch(step, V, dtype, s.device)
+        W = scratch_for(step, V, dtype, s.device)
         values, lse_s, lse_t = (s.new_empty(n, *shape, dtype=dtype) for shape in ((), (1,), (1,)))
         masked = []                                                     # chunks that hold −inf logits
         for i in range(0, n, step):
@@ -188,7 +198,7 @@ class ChunkedABDivergence(torch.autograd.Function):
         alpha, beta, temperature = ctx.hyper
         dtype, (n, V) = compute_dtype(s, t), s.shape
         plan, inv_t, step = ab_plan(alpha, beta, dtype), 1.0 / temperature, ctx.step
-        W = Scratch(step, V, dtype, s.device)
+        W = scratch_for(step, V, dtype, s.device)
         grads = {side: torch.empty_like(x) if need else None
                  for side, x, need in (("student", s, ctx.needs_input_grad[0]), ("teacher", t, ctx.needs_input_grad[1]))}
         for i in range(0, n, step):
