@@ -15,7 +15,8 @@ __all__ = ['NAMED_POINTS', 'REDUCTIONS', 'IMPLS', 'psi1', 'exp_dd1', 'exp_dd2', 
            'student_zero_allowed', 'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint',
            'as_real', 'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'all_finite',
            'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'triton_available',
-           'resolve_impl', 'per_row_function', 'ab_divergence', 'ABDivergence', 'named_points_table', 'plot_ab_plane']
+           'resolve_impl', 'per_row_function', 'core_rows', 'ab_divergence', 'ABDivergence', 'named_points_table',
+           'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
 def _psi_series_threshold(dtype: torch.dtype) -> float:
@@ -321,6 +322,11 @@ def per_row_function(impl: str, device: torch.device) -> Callable:
         return ab_divergence_chunked
     from abkd.kernels.triton_kernels import ab_divergence_triton
     return ab_divergence_triton
+
+def core_rows(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float,
+              temperature: float = 1.0) -> Tensor:
+    "D_AB per row of checked [N, V] logits by the implementation 'auto' picks: what every loss built on the core calls."
+    return per_row_function("auto", student_logits.device)(student_logits, teacher_logits, alpha, beta, temperature)
 
 def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
                   temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",

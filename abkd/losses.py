@@ -10,8 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 from .divergence import (as_real, ab_divergence, apply_divergence, check_hyperparameters, check_logit_values,
-                             check_reduction, compute_dtype, log_probs)
-from .gradients import ABDivergenceFunction
+                             check_reduction, compute_dtype, core_rows, log_probs)
 
 # %% auto #0
 __all__ = ['VOCAB_POLICIES', 'REQUIRED', 'LOSSES', 'MODULE_PARAMS', 'check_temperature', 'check_interval', 'row_log_probs',
@@ -40,7 +39,7 @@ def row_log_probs(student_rows: Tensor, teacher_rows: Tensor, temperature: float
 
 def kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
     "KL(a‖b) per row of log-probabilities, as the core's D_AB^(1,0)(a‖b) (b in the student slot)."
-    return ABDivergenceFunction.apply(log_b, log_a, 1.0, 0.0, 1.0)
+    return core_rows(log_b, log_a, 1.0, 0.0, 1.0)
 
 def log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     "log(w·a + (1 − w)·b) for 0 < w < 1 by logsumexp; −inf (with zero gradient) where both are −inf."
@@ -141,8 +140,8 @@ def wsd(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.5, *, tem
     lam, T = _check_wsd(lam)["lam"], check_temperature(temperature)
     def per_row(s, t):
         out = 0.
-        if lam < 1: out = out + (1 - lam) * ABDivergenceFunction.apply(s, t, 1.0, 0.0, T)   # (1−λ)·KL(p‖q)
-        if lam > 0: out = out + lam * ABDivergenceFunction.apply(s, t, 0.0, 1.0, T)         # λ·KL(q‖p)
+        if lam < 1: out = out + (1 - lam) * core_rows(s, t, 1.0, 0.0, T)   # (1−λ)·KL(p‖q)
+        if lam > 0: out = out + lam * core_rows(s, t, 0.0, 1.0, T)         # λ·KL(q‖p)
         return out
     return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
                             check_values=_value_rule("WSD", lam == 0, lam == 1,
@@ -172,8 +171,8 @@ def akl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5, *, temp
     mu, T = _check_akl(mu)["mu"], check_temperature(temperature)
     def per_row(s, t):
         w_head, w_tail = akl_weights(*row_log_probs(s, t, T), mu)
-        return (w_head * ABDivergenceFunction.apply(s, t, 1.0, 0.0, T)       # head gap weights forward KL
-                + w_tail * ABDivergenceFunction.apply(s, t, 0.0, 1.0, T))    # tail gap weights reverse KL
+        return (w_head * core_rows(s, t, 1.0, 0.0, T)       # head gap weights forward KL
+                + w_tail * core_rows(s, t, 0.0, 1.0, T))    # tail gap weights reverse KL
     return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
                             check_values=_value_rule("AKL (a weighted sum of forward and reverse KL)", False, False))
 
@@ -198,7 +197,7 @@ def bdkd(student_logits: Tensor, teacher_logits: Tensor, weight: float = 3.0, *,
             one, big = torch.ones_like(h_p), torch.full_like(h_p, gamma)
             w_f = torch.where(h_p > h_q, big, one)                            # teacher more uncertain → weight FKL
             w_r = torch.where(h_q > h_p, big, one)                            # student more uncertain → weight RKL
-        return w_f * ABDivergenceFunction.apply(s, t, 1.0, 0.0, T) + w_r * ABDivergenceFunction.apply(s, t, 0.0, 1.0, T)
+        return w_f * core_rows(s, t, 1.0, 0.0, T) + w_r * core_rows(s, t, 0.0, 1.0, T)
     return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
                             check_values=_value_rule("BDKD (a weighted sum of forward and reverse KL)", False, False))
 

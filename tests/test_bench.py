@@ -16,7 +16,8 @@ def test_bench_cpu_quick(tmp_path):
         assert name in r.stdout
     rec = json.loads(out.read_text())
     m = rec["metrics"]
-    assert set(m) == {"abkd", "plain_branch_free", "plain_log_general", "official_style"}
+    assert set(m) == {"abkd", "abkd_reference", "plain_branch_free", "plain_log_general", "official_style"}
+    assert m["abkd_reference"]["loss_rows_max_rel_diff"] < 1e-5            # the core and the chunked path agree
     assert m["abkd"]["time_ratio"] == 1.0 and m["abkd"]["mem_ratio"] == 1.0
     assert m["plain_branch_free"]["loss_rows_max_rel_diff"] < 1e-5         # same formula, same values
     assert m["official_style"]["loss_rows_max_rel_diff"] < 1e-4            # away from the boundary it agrees
