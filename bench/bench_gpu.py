@@ -37,6 +37,7 @@ if str(BENCH_DIR) not in sys.path: sys.path.insert(0, str(BENCH_DIR))
 import torch
 import torch.nn.functional as F
 
+from bench_cpu import abkd_source_digest
 from official_style import ab_divergence_log_general, ab_divergence_official_style
 
 ALPHA, BETA = 0.2, 0.7
@@ -454,15 +455,6 @@ def metrics_and_status(copy: dict, logits: dict, fused) -> tuple[dict, dict]:
     if isinstance(fused, str): status["fused_linear"] = fused
     else: metrics["fused_linear"] = numbers(fused, "fused_linear")
     return metrics, status
-
-
-def abkd_source_digest() -> str:
-    "sha256 (first 16 hex digits) of the abkd package's .py sources as imported, to catch edits during a run."
-    import hashlib, abkd
-    h = hashlib.sha256()
-    for f in sorted(Path(abkd.__file__).resolve().parent.rglob("*.py")):
-        h.update(f.name.encode()); h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def slug(name: str) -> str:

@@ -42,6 +42,19 @@ def _ratio_mix(s, t, lse_s, lse_t, alpha, beta, inv_t):
     return r, y
 
 @triton.jit
+def _tile(s_row, t_row, cols, inb, lse_s, lse_t, alpha, beta, inv_t, DTYPE: tl.constexpr):
+    "One tile of a row: the −inf flags, the finite-entry flag, r, y, and the log-probabilities (0 where −inf)."
+    NEG_INF: tl.constexpr = float("-inf")
+    s = tl.load(s_row + cols, mask=inb, other=0.0).to(DTYPE)
+    t = tl.load(t_row + cols, mask=inb, other=0.0).to(DTYPE)
+    s_inf, t_inf = s == NEG_INF, t == NEG_INF
+    fin = (~s_inf) & (~t_inf) & inb
+    r, y = _ratio_mix(tl.where(fin, s, 0.0), tl.where(fin, t, 0.0), lse_s, lse_t, alpha, beta, inv_t)
+    lq = tl.where(s_inf, 0.0, s) * inv_t - lse_s
+    lp = tl.where(t_inf, 0.0, t) * inv_t - lse_t
+    return s_inf, t_inf, fin, r, y, lq, lp
+
+@triton.jit
 def _terms(r, y, k_lo, gap_up, gap_down, tau, F, N_F: tl.constexpr, PSI, N_PSI: tl.constexpr, knot,
            PSI_SERIES: tl.constexpr):
     "r²·e[x, y, z] for finite entries (the plan of the chunked path)."
@@ -104,14 +117,7 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inb = cols < V
-        s = tl.load(s_row + cols, mask=inb, other=0.0).to(DTYPE)
-        t = tl.load(t_row + cols, mask=inb, other=0.0).to(DTYPE)
-        s_inf, t_inf = s == NEG_INF, t == NEG_INF
-        fin = (~s_inf) & (~t_inf) & inb
-        s_f, t_f = tl.where(fin, s, 0.0), tl.where(fin, t, 0.0)
-        r, y = _ratio_mix(s_f, t_f, lse_s, lse_t, alpha, beta, inv_t)
-        lq = tl.where(s_inf, 0.0, s) * inv_t - lse_s
-        lp = tl.where(t_inf, 0.0, t) * inv_t - lse_t
+        s_inf, t_inf, fin, r, y, lq, lp = _tile(s_row, t_row, cols, inb, lse_s, lse_t, alpha, beta, inv_t, DTYPE)
         q_sig = tl.exp(sigma * lq)
         p_sig = tl.exp(sigma * lp)
         term = _terms(r, y, k_lo, gap_up, gap_down, tau, F, N_F, PSI, N_PSI, knot, PSI_SERIES)
@@ -133,14 +139,7 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < V
-            s = tl.load(s_row + cols, mask=inb, other=0.0).to(DTYPE)
-            t = tl.load(t_row + cols, mask=inb, other=0.0).to(DTYPE)
-            s_inf, t_inf = s == NEG_INF, t == NEG_INF
-            fin = (~s_inf) & (~t_inf)
-            s_f, t_f = tl.where(fin, s, 0.0), tl.where(fin, t, 0.0)
-            r, y = _ratio_mix(s_f, t_f, lse_s, lse_t, alpha, beta, inv_t)
-            lq = tl.where(s_inf, 0.0, s) * inv_t - lse_s
-            lp = tl.where(t_inf, 0.0, t) * inv_t - lse_t
+            s_inf, t_inf, fin, r, y, lq, lp = _tile(s_row, t_row, cols, inb, lse_s, lse_t, alpha, beta, inv_t, DTYPE)
             if COMPUTE_GS:
                 q = tl.where(s_inf, 0.0, tl.exp(lq))
                 g = tl.where(fin, _factor(r, y, alpha, PSI, N_PSI, knot), 0.0)
