@@ -12,7 +12,7 @@ from ..divergence import (check_ab_logit_values, check_hyperparameters, check_re
                              per_row_function)
 
 # %% auto #0
-__all__ = ['default_chunk_tokens', 'FusedLinearABDivergence', 'ab_divergence_from_hidden']
+__all__ = ['default_chunk_tokens', 'FusedLinearABDivergence', 'ab_divergence_from_hidden', 'fused_vs_materialized']
 
 # %% ../../nbs/07_fused_linear.ipynb #bbcee8d5
 def _flat(x: Tensor, name: str, width_name: str) -> Tensor:
@@ -137,3 +137,37 @@ def ab_divergence_from_hidden(student_hidden: Tensor, student_weight: Tensor,
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     return FusedLinearABDivergence.apply(h, student_weight, t_logits, t_hidden, t_weight, alpha, beta, temperature,
                                          keep, scale, chunk_tokens, impl)
+
+# %% ../../nbs/07_fused_linear.ipynb #246c63c1
+def _fused_child(kind: str, n: int, h_s: int, h_t: int, vocab: int, chunk_tokens: int) -> dict:
+    "One forward + backward of `kind` ('fused' or 'materialized') in this process: extra peak MiB and seconds."
+    import time
+    from abkd.divergence import ab_divergence
+    from abkd.gradients import _reset_high_water, _resident_high_water_kib
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(n, h_s, generator=g).requires_grad_()
+    ws = (torch.randn(vocab, h_s, generator=g) / h_s**0.5).requires_grad_()
+    ht, wt = torch.randn(n, h_t, generator=g), torch.randn(vocab, h_t, generator=g) / h_t**0.5
+    def step():
+        if kind == "fused":
+            return ab_divergence_from_hidden(hs, ws, (ht, wt), 0.2, 0.7, chunk_tokens=chunk_tokens)
+        return ab_divergence(hs @ ws.T, ht @ wt.T, 0.2, 0.7)
+    step().backward(); hs.grad = ws.grad = None                     # warm-up: code pages, thread pools
+    _reset_high_water()
+    before, t0 = _resident_high_water_kib(), time.perf_counter()
+    loss = step(); loss.backward()
+    return dict(seconds=time.perf_counter() - t0, peak_extra_mib=(_resident_high_water_kib() - before) / 1024,
+                loss=loss.item())
+
+def fused_vs_materialized(n: int, h_s: int, h_t: int, vocab: int, chunk_tokens: int) -> dict:
+    "{'fused': ..., 'materialized': ...}: `_fused_child` of each path, each in a fresh Python process."
+    import json, os, subprocess, sys
+    out = {}
+    for kind in ("materialized", "fused"):
+        code = ("import json; from abkd.kernels.fused_linear import _fused_child; "
+                f"print(json.dumps(_fused_child({kind!r}, {n}, {h_s}, {h_t}, {vocab}, {chunk_tokens})))")
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if p.returncode != 0: raise RuntimeError(f"{kind} child process failed:\n{p.stderr[-2000:]}")
+        out[kind] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
