@@ -1,0 +1,1 @@
+"""LLM distillation: instruction data, the KD trainer, generation and ROUGE-L evaluation."""
