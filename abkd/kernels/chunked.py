@@ -73,7 +73,6 @@ class Scratch:
         if name not in self.buffers:
             self.buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
         return self.buffers[name][:n]
-    def nbytes(self) -> int: return sum(b.nbytes for b in self.buffers.values())
 
 _LAST_SCRATCH: list = []          # the most recent Scratch, reused by the next call with the same geometry
 

@@ -4,7 +4,6 @@
 
 # %% ../../nbs/06_triton_kernel.ipynb #cd5ddf1f
 from __future__ import annotations
-import math
 from typing import Optional
 import torch
 from torch import Tensor

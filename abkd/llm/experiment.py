@@ -6,7 +6,6 @@
 from __future__ import annotations
 import dataclasses, os
 from pathlib import Path
-from typing import Optional, Sequence
 import torch
 from .data import (TEST_SETS, load_test_set, load_train_valid, make_collate, read_jsonl, synthetic_texts,
                            tokenize_examples, train_bpe_tokenizer, write_synthetic_instruction_data, TRAIN_FILE)

@@ -4,11 +4,10 @@
 
 # %% ../../nbs/31_llm_train.ipynb #78c0d1b9
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, random, tempfile, time
+import dataclasses, math, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
-import numpy as np
+from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -4,13 +4,12 @@
 
 # %% ../../nbs/14_cifar_experiment.ipynb #8b0fdacc
 from __future__ import annotations
-import dataclasses, json, statistics
+import dataclasses, statistics
 from pathlib import Path
 from typing import Optional, Sequence
 import torch
 from torch import nn
-from ..results import (atomic_write_text, load_record, load_records, markdown_table, pair_label, published,
-                          save_record)
+from ..results import atomic_write_text, load_record, markdown_table, pair_label, published, save_record
 from .data import build_synthetic_cifar100, cifar100_datasets
 from .models import create_model
 from .recipes import AB_GRID, load_state_dict_file, recipe, teacher_path, teacher_recipe

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/13_cifar_recipes.ipynb #b1afe6fe
 from __future__ import annotations
-import dataclasses, hashlib, json, os
+import dataclasses, hashlib, json
 from pathlib import Path
 from typing import Optional
 import torch

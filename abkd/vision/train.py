@@ -4,16 +4,15 @@
 
 # %% ../../nbs/12_cifar_train.ipynb #03dab44b
 from __future__ import annotations
-import copy, dataclasses, hashlib, json, math, os, random, tempfile, time
+import dataclasses, hashlib, json, math, os, random, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
-from ..results import environment_info, save_record
 from .losses import VISION_LOSSES, get_vision_loss
 
 # %% auto #0
