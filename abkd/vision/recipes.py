@@ -13,7 +13,8 @@ from .train import TrainConfig
 
 # %% auto #0
 __all__ = ['PAIRS', 'METHODS', 'AB_DEFAULT', 'AB_GRID', 'DKD_NCKD_WEIGHT', 'TEACHER_URL', 'method_params', 'recipe',
-           'teacher_recipe', 'TeacherEntry', 'teacher_registry', 'file_sha256', 'teacher_path', 'load_state_dict_file']
+           'teacher_recipe', 'TeacherEntry', 'teacher_registry', 'file_sha256', 'verify_pinned_sha256', 'teacher_path',
+           'load_state_dict_file']
 
 # %% ../../nbs/13_cifar_recipes.ipynb #3304c090
 PAIRS = (("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
@@ -70,10 +71,23 @@ def teacher_registry() -> dict:
             for n in ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "ResNet50")}
 
 def file_sha256(path) -> str:
+    "The hex sha256 of a file."
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
+
+def verify_pinned_sha256(path: Path, pins_file: Path, key: str, expected: Optional[str], fix: str) -> str:
+    "Check `path` against `expected` or the sha256 pinned under `key` in pins_file; pin it on first use; return it."
+    pins = json.loads(pins_file.read_text()) if pins_file.exists() else {}
+    digest, expected = file_sha256(path), expected or pins.get(key)
+    if expected is not None and digest != expected:
+        raise ValueError(f"{path} has sha256 {digest}, expected {expected}: the file changed or is corrupt; {fix} "
+                         f"(or delete its line in {pins_file} to re-pin)")
+    if expected is None:
+        pins[key] = digest
+        tmp = pins_file.with_suffix(".tmp"); tmp.write_text(json.dumps(pins, indent=1, sort_keys=True)); tmp.replace(pins_file)
+    return digest
 
 def teacher_path(name: str, teachers_dir) -> Path:
     "The verified checkpoint file of teacher `name` under `teachers_dir` (errors say how to get it)."
@@ -86,15 +100,8 @@ def teacher_path(name: str, teachers_dir) -> Path:
         raise FileNotFoundError(f"teacher checkpoint {path} not found. Download {TEACHER_URL} and extract it into "
                                 f"{root}, or train the teacher with fit(teacher_recipe({name!r}), ...) and pass its "
                                 "checkpoint as teacher_checkpoint=")
-    pins_file = root / "teachers.sha256.json"
-    pins = json.loads(pins_file.read_text()) if pins_file.exists() else {}
-    digest, expected = file_sha256(path), entry.sha256 or pins.get(entry.file)
-    if expected is not None and digest != expected:
-        raise ValueError(f"teacher checkpoint {path} has sha256 {digest}, expected {expected}: the file changed or is "
-                         f"corrupt; re-extract it from {TEACHER_URL} (or delete its line in {pins_file} to re-pin)")
-    if expected is None:
-        pins[entry.file] = digest
-        tmp = pins_file.with_suffix(".tmp"); tmp.write_text(json.dumps(pins, indent=1, sort_keys=True)); tmp.replace(pins_file)
+    verify_pinned_sha256(path, root / "teachers.sha256.json", entry.file, entry.sha256,
+                         f"re-extract it from {TEACHER_URL}")
     return path
 
 def load_state_dict_file(path) -> dict:
