@@ -19,7 +19,7 @@ from .results import load_record, markdown_table, save_figure, save_record, atom
 
 # %% auto #0
 __all__ = ['THEORY_SEED', 'EXPERIMENTS', 'SCALES', 'run_theory', 'write_named_points_table', 'Experiment', 'run_cifar100',
-           'build_parser', 'reproduce', 'main']
+           'run_clip', 'run_llm', 'build_parser', 'reproduce', 'main']
 
 # %% ../nbs/91_cli.ipynb #7598e4ec
 THEORY_SEED = 0
@@ -70,11 +70,25 @@ def run_cifar100(out_dir: Path, scale: str = "smoke") -> list[Path]:
     from abkd.vision.experiment import reproduce as reproduce_cifar100    # needs the [experiments] extra
     return reproduce_cifar100(out_dir, scale)
 
+def run_clip(out_dir: Path, scale: str = "smoke") -> list[Path]:
+    "CLIP base-to-new prompt distillation (`abkd.clip.experiment.reproduce`)."
+    from abkd.clip.experiment import reproduce as reproduce_clip
+    return reproduce_clip(out_dir, scale)
+
+def run_llm(out_dir: Path, scale: str = "smoke") -> list[Path]:
+    "GPT-2 instruction-following distillation (`abkd.llm.experiment.reproduce`)."
+    from abkd.llm.experiment import reproduce as reproduce_llm
+    return reproduce_llm(out_dir, scale)
+
 EXPERIMENTS = {e.name: e for e in [
     Experiment("theory", "named points, the (α, β) plane, log mass ratio, concentration claims, controlled experiment",
                run_theory),
     Experiment("cifar100", "CIFAR-100 distillation: teacher training, KD and ABKD students, results table "
                "(smoke: synthetic data; paper: the published recipe on every standard pair)", run_cifar100),
+    Experiment("clip", "CLIP base-to-new prompt distillation with KD/DKD/LSD/TTM and their AB versions, base/new/HM "
+               "table (smoke: stand-in images, tiny CLIPs; paper: 11 datasets, ViT-L/14 -> ViT-B/16)", run_clip),
+    Experiment("llm", "GPT-2 instruction following: SFT, KD with fkl/rkl/ab, ROUGE-L on five test sets over five "
+               "seeds (smoke: synthetic tasks, tiny GPT-2s; paper: GPT-2 XL -> GPT-2 on Dolly)", run_llm),
 ]}
 SCALES = ("smoke", "paper")
 

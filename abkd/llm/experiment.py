@@ -14,7 +14,7 @@ from .train import LLMTrainConfig, fit_llm
 from ..results import atomic_write_text, load_record, markdown_table, published
 
 # %% auto #0
-__all__ = ['LOSSES', 'PUBLISHED_ROW', 'TEST_COLUMNS', 'SMOKE', 'ROW_LABELS', 'LLMScale', 'tiny_gpt2', 'rouge_selector',
+__all__ = ['LOSSES', 'PUBLISHED_ROW', 'TEST_COLUMNS', 'SMOKE', 'ROW_LABELS', 'PAPER', 'LLMScale', 'tiny_gpt2', 'rouge_selector',
            'train_stage', 'evaluate_stage', 'prepare_data', 'prepare_smoke', 'run_pipeline', 'results_table',
            'reproduce_smoke', 'reproduce_paper', 'reproduce']
 
@@ -26,19 +26,20 @@ TEST_COLUMNS = {"dolly": "Dolly", "self_inst": "SelfInst", "vicuna": "Vicuna", "
 @dataclasses.dataclass
 class LLMScale:
     "The sizes of one reproduction scale."
-    n_train: int = 1200
+    n_train: int = 2000
     n_test: int = 30
     n_valid: int = 100
-    vocab_size: int = 400
+    vocab_size: int = 1000
     teacher: dict = dataclasses.field(default_factory=lambda: dict(n_layer=4, n_embd=128, n_head=4))
     student: dict = dataclasses.field(default_factory=lambda: dict(n_layer=2, n_embd=64, n_head=2))
     n_positions: int = 256
     max_prompt_len: int = 128
     max_len: int = 256
-    sft_epochs: int = 4
+    sft_epochs: int = 8
     kd_epochs: int = 3
     micro_batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 5e-3
+    warmup_steps: int = 50
     select_examples: int = 30                      # validation examples for ROUGE-L selection (one seed)
     seeds: tuple = PROTOCOL_SEEDS
 
@@ -98,7 +99,8 @@ def prepare_smoke(root: Path, scale: LLMScale) -> dict:
     return prepare_data(data_root, tok, scale, filter_tests=False)   # the synthetic test files are the final sets
 
 def _configs(scale: LLMScale) -> dict:
-    common = dict(micro_batch_size=scale.micro_batch_size, lr=scale.lr, seed=10, monitor_every=0)
+    common = dict(micro_batch_size=scale.micro_batch_size, lr=scale.lr, warmup_steps=scale.warmup_steps, seed=10,
+                  monitor_every=0)
     out = {"sft": LLMTrainConfig(mode="sft", epochs=scale.sft_epochs, **common)}
     for loss, params in LOSSES.items():
         out[loss] = LLMTrainConfig(mode="kd", loss=loss, loss_params=params, epochs=scale.kd_epochs, **common)
@@ -157,14 +159,15 @@ def reproduce_smoke(out_dir, scale: LLMScale = SMOKE, progress: bool = True) -> 
     atomic_write_text(table, f"# GPT-2 instruction following, ROUGE-L (smoke)\n\n{note}\n\n{results_table(root / 'eval')}\n")
     return written + [table]
 
+PAPER = LLMScale(n_valid=1000, max_prompt_len=256, max_len=512, n_positions=1024, sft_epochs=10, kd_epochs=20,
+                 micro_batch_size=8, lr=5e-4, warmup_steps=0, select_examples=500)
+
 def reproduce_paper(out_dir, data_root, teacher_id: str = "gpt2-xl", student_id: str = "gpt2",
-                    progress: bool = True) -> list[Path]:
+                    progress: bool = True, scale: LLMScale = PAPER) -> list[Path]:
     "GPT-2 XL → GPT-2 base on MiniLLM's Dolly data under data_root (hub or local model ids; a GPU job)."
     from transformers import AutoTokenizer, GPT2LMHeadModel
     root = Path(out_dir) / "llm"
     tok = AutoTokenizer.from_pretrained(teacher_id)
-    scale = LLMScale(max_prompt_len=256, max_len=512, sft_epochs=10, kd_epochs=20, micro_batch_size=8, lr=5e-4,
-                     select_examples=500)
     data = prepare_data(data_root, tok, scale)
     written = run_pipeline(data, root, scale, student=GPT2LMHeadModel.from_pretrained(student_id), progress=progress,
                            teacher=train_stage("teacher_sft", _configs(scale)["sft"],
