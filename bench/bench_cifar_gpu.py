@@ -88,6 +88,16 @@ class StepClock:
             self.train_end = self.now()
 
 
+def pick_device(dry_run: bool):
+    "(device, card name): the CPU for a dry run, else the current CUDA card; None (after a message) without one."
+    if dry_run: return torch.device("cpu"), "cpu (dry run)"
+    if not torch.cuda.is_available():
+        print("no CUDA device: this check needs one GPU (use --dry-run for a CPU check of the script)", file=sys.stderr)
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    return device, torch.cuda.get_device_name(device)
+
+
 def _fmt(x, spec: str, missing: str = "n/a") -> str:
     return missing if x is None else format(x, spec)
 
@@ -118,15 +128,9 @@ def main(argv=None) -> int:
     if warmup < 0: ap.error("--warmup-batches must be >= 0")
     if args.workers < 0: ap.error("--workers must be >= 0")
 
-    if args.dry_run:
-        device, card = torch.device("cpu"), "cpu (dry run)"
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: this check needs one GPU (use --dry-run for a CPU check of the script)",
-                  file=sys.stderr)
-            return 2
-        device = torch.device("cuda", torch.cuda.current_device())
-        card = torch.cuda.get_device_name(device)
+    picked = pick_device(args.dry_run)
+    if picked is None: return 2
+    device, card = picked
     cuda = device.type == "cuda"
 
     import abkd
