@@ -11,7 +11,7 @@ the teacher frozen in bf16, AdamW on the student, twice:
 
 * `abkd`: the trainer's own loss, `abkd.losses.get_loss("ab", alpha=0.2, beta=0.7, reduction="sum")`
   (on CUDA the Triton kernel, `impl="auto"`);
-* `plain_log_space`: the same trainer with the loss replaced by plain autograd through the log-space general
+* `plain_log_space`: the same trainer given (`kd_loss=`) plain autograd through the log-space general
   formula of D_AB (`bench/official_style.ab_divergence_log_general`, float32 upcast), summed over supervised tokens.
 
 Both models are randomly initialised GPT-2s (teacher 48 layers x 1600, student 12 x 768, vocabulary 50257): the
@@ -83,8 +83,7 @@ def run_one(name: str, sizes: dict, device, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     train = random_sequences(sizes["batch"] * sizes["steps"], sizes["seq"], sizes["vocab"], g)
     valid = random_sequences(sizes["batch"], sizes["seq"], sizes["vocab"], g)
-    make = T.make_kd_loss
-    if name == "plain_log_space": T.make_kd_loss = lambda cfg: PlainLogSpace()
+    kd_loss = PlainLogSpace() if name == "plain_log_space" else None      # None: the trainer's own loss
     clock = StepClock(device)
     hook = student.register_forward_pre_hook(clock)
     if cuda: torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
@@ -93,9 +92,8 @@ def run_one(name: str, sizes: dict, device, seed: int) -> dict:
         with tempfile.TemporaryDirectory(prefix="bench_llm_gpu_") as out:
             t0 = clock.now()
             res = T.fit_llm(cfg, student, train, valid, lambda b: collate(b, pad_id=0), out, teacher=teacher,
-                            accelerator=accelerator, resume=False, progress=False)
+                            accelerator=accelerator, resume=False, progress=False, kd_loss=kd_loss)
     finally:
-        T.make_kd_loss = make
         hook.remove()
     w, steps = sizes["warmup"], sizes["steps"]
     if len(clock.starts) != steps or clock.train_end is None:

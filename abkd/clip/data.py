@@ -249,11 +249,11 @@ def write_standin_dataset(root: Union[str, Path], name: str, n_classes: int = 6,
         splits = {}
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             rows = []
+            if spec.reader == "imagenet" and split == "val": n = 0       # CoOp's ImageNet has no validation split
             for label, cname in enumerate(names):
                 for k in range(n):
-                    rel = f"{cname}/{split}_{k:03d}.jpg" if spec.reader != "aircraft" else f"{split}{label:02d}{k:03d}.jpg"
-                    if spec.reader == "imagenet": rel = f"{'val' if split == 'test' else split}/n{label:08d}/{k:03d}.JPEG"
-                    if spec.reader == "imagenet" and split == "val": continue
+                    rel = {"zhou": f"{cname}/{split}_{k:03d}.jpg", "aircraft": f"{split}{label:02d}{k:03d}.jpg",
+                           "imagenet": f"{'val' if split == 'test' else split}/n{label:08d}/{k:03d}.JPEG"}[spec.reader]
                     (images / rel).parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(_standin_image(label, n_classes, image_size, rng)).save(images / rel, format="JPEG")
                     rows.append([rel, label, cname])

@@ -8,10 +8,13 @@ import os, statistics
 from pathlib import Path
 from typing import Optional, Sequence
 import torch
-from .data import DATASETS, STANDIN_WORDS, base_new_splits, dataset_spec, write_standin_dataset
+import torch.nn.functional as F
+from .data import (DATASETS, STANDIN_WORDS, ImageList, base_new_splits, clip_transform, dataset_spec,
+                            write_standin_dataset)
 from .metrics import harmonic_mean
-from .models import (PromptConfig, PromptedCLIP, PromptKDStudent, load_clip, load_clip_tokenizer,
-                              load_teacher_prompts, teacher_prompt_path, tiny_clip_config, word_tokenizer)
+from .models import (PromptConfig, PromptedCLIP, PromptKDStudent, class_prompts, encode_image, encode_text,
+                              load_clip, load_clip_tokenizer, load_teacher_prompts, teacher_prompt_path,
+                              tiny_clip_config, word_tokenizer)
 from .train import CLIPTrainConfig, fit_clip, save_clip_record
 from ..results import atomic_write_text, load_records, markdown_table, published
 
@@ -107,9 +110,6 @@ SMOKE = dict(datasets=("dtd", "eurosat"), n_classes=8, n_train=16, n_val=2, n_te
 def pretrain_standin_clip(clip, tokenizer, items, classnames: Sequence[str], image_size: int, epochs: int,
                           lr: float, seed: int, batch_size: int = 32):
     "Train every weight of a tiny CLIP to match images of `items` to 'a photo of a {name}.' (CE over the class texts); freeze it."
-    from abkd.clip.data import ImageList, clip_transform
-    from abkd.clip.models import class_prompts, encode_image, encode_text
-    import torch.nn.functional as F
     prompts = class_prompts(tokenizer, [f"a photo of a {n}" for n in classnames], n_ctx=0, ctx_init="")
     params = list(clip.parameters())
     for p in params: p.requires_grad_(True)

@@ -79,12 +79,12 @@ SOT, EOT, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
 
 def word_tokenizer(words: Sequence[str], max_length: int = 16):
     "A word-level `PreTrainedTokenizerFast` over `words` (and '.', ','), wrapping each text in SOT … EOT."
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     vocab = {SOT: 0, EOT: 1, UNK: 2}
     for w in sorted({w.lower() for w in words} | {".", ","}): vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.normalizer = __import__("tokenizers").normalizers.Lowercase()
+    tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}", special_tokens=[(SOT, 0), (EOT, 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SOT, eos_token=EOT, unk_token=UNK, pad_token=EOT,
@@ -128,18 +128,22 @@ def run_layer(layer: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Tensor:
     out = layer(x, mask)
     return out[0] if isinstance(out, tuple) else out
 
+def _with_text_ctx(x: Tensor, ctx: Tensor, n: int) -> Tensor:
+    "x with positions 1..n (the context words) replaced by the learned tokens ctx [n, width]."
+    return torch.cat([x[:, :1], ctx.to(x.dtype).expand(len(x), -1, -1), x[:, 1 + n:]], 1)
+
 def encode_text(clip, prompts: ClassPrompts, ctx: Optional[Tensor] = None) -> Tensor:
     "Projected text features [C, D] of the class prompts; `ctx` [depth, n_ctx, width] are the deep text prompts."
     text = clip.text_model
     ids = prompts.input_ids.to(text.embeddings.token_embedding.weight.device)
     x = text.embeddings.token_embedding(ids)
     n = prompts.n_ctx
-    if ctx is not None: x = torch.cat([x[:, :1], ctx[0].to(x.dtype).expand(len(x), -1, -1), x[:, 1 + n:]], 1)
+    if ctx is not None: x = _with_text_ctx(x, ctx[0], n)
     x = x + text.embeddings.position_embedding(text.embeddings.position_ids[:, :x.shape[1]])
     mask = causal_mask(x.shape[1], x.dtype, x.device)
     for layer_i, layer in enumerate(text.encoder.layers):
         if ctx is not None and 0 < layer_i < len(ctx):               # c^(ℓ) replaces the context positions
-            x = torch.cat([x[:, :1], ctx[layer_i].to(x.dtype).expand(len(x), -1, -1), x[:, 1 + n:]], 1)
+            x = _with_text_ctx(x, ctx[layer_i], n)
         x = run_layer(layer, x, mask)
     x = text.final_layer_norm(x)
     pooled = x[torch.arange(len(x), device=x.device), prompts.eot_positions.to(x.device)]

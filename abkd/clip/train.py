@@ -17,7 +17,7 @@ from .metrics import accuracy, harmonic_mean
 from .models import PromptedCLIP
 from ..results import save_record
 from ..vision.losses import VISION_LOSSES, get_vision_loss
-from ..vision.train import epoch_seed, save_checkpoint, seed_everything
+from ..vision.train import _autocast, _device, epoch_seed, save_checkpoint, seed_everything
 
 # %% auto #0
 __all__ = ['CLIPTrainConfig', 'epoch_lr', 'make_objective', 'kd_objective', 'frozen_names', 'learned_state', 'load_learned_state',
@@ -104,8 +104,6 @@ def load_learned_state(model: nn.Module, state: dict) -> None:
         raise ValueError(f"learned state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 # %% ../../nbs/23_clip_train.ipynb #9e571b57
-from ..vision.train import _autocast, _device      # the CIFAR trainer's device choice and bf16 autocast
-
 @torch.no_grad()
 def class_logits(model: nn.Module, items, text_features: Tensor, cfg: CLIPTrainConfig, device) -> tuple[Tensor, Tensor]:
     "(logits, labels) of `model` on `items` (test transform) against `text_features`."
@@ -193,7 +191,9 @@ def fit_clip(cfg: CLIPTrainConfig, model: nn.Module, splits: BaseNewSplits, out_
     result = dict(config=cfg.to_dict(), finished=state["epoch"] == cfg.epochs, history=state["history"],
                   train_seconds=time.time() - t0)
     if result["finished"]:
-        g = g_teacher if cfg.stage == "kd" else model.to(device).eval().text_features().detach().float()
+        if cfg.stage == "kd": g = g_teacher
+        else:
+            with torch.no_grad(): g = model.eval().text_features().float()
         result["metrics"] = evaluate_base_new(model, splits, g, cfg, device)
         if cfg.stage == "kd": result["teacher_metrics"] = evaluate_base_new(teacher, splits, g, cfg, device)
     return result

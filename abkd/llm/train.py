@@ -166,8 +166,8 @@ def _lr_lambda(cfg: LLMTrainConfig, total_steps: int):
 def fit_llm(cfg: LLMTrainConfig, model: nn.Module, train_set, val_set, collate: Callable, out_dir, *,
             teacher: Optional[nn.Module] = None, tokenizer=None, select_fn: Optional[Callable] = None,
             accelerator=None, device=None, resume: bool = True, stop_after: Optional[int] = None,
-            progress: bool = True) -> dict:
-    "Train `model` per `cfg` (SFT, or KD from `teacher`); checkpoint every epoch; return the history and selection."
+            progress: bool = True, kd_loss: Optional[nn.Module] = None) -> dict:
+    "Train `model` per `cfg` (SFT, or KD from `teacher` with `kd_loss`, default make_kd_loss(cfg)); checkpoint every epoch."
     if cfg.mode == "kd" and teacher is None: raise ValueError("mode='kd' needs a teacher model")
     device = accelerator.device if accelerator is not None else torch.device(
         device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -179,7 +179,7 @@ def fit_llm(cfg: LLMTrainConfig, model: nn.Module, train_set, val_set, collate: 
         t_dtype = getattr(torch, cfg.teacher_dtype) if device.type == "cuda" else torch.float32
         teacher = teacher.to(device, dtype=t_dtype).eval()
         for p in teacher.parameters(): p.requires_grad_(False)
-    kd_loss = make_kd_loss(cfg)
+    if kd_loss is None: kd_loss = make_kd_loss(cfg)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.micro_batch_size) / cfg.grad_accum)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
