@@ -318,7 +318,7 @@ def per_row_function(impl: str, device: torch.device) -> Callable:
         from abkd.gradients import ABDivergenceFunction   # the closed-form backward (next notebook)
         return ABDivergenceFunction.apply
     if impl == "chunked":
-        from abkd.kernels.chunked import ab_divergence_chunked
+        from abkd.kernels.torch_chunked import ab_divergence_chunked
         return ab_divergence_chunked
     from abkd.kernels.triton_kernels import ab_divergence_triton
     return ab_divergence_triton

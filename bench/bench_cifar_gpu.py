@@ -6,8 +6,8 @@ Run once on one CUDA card, from the repository root (sized to finish well under 
     python bench/bench_cifar_gpu.py --images 10000     # a smaller epoch
     python bench/bench_cifar_gpu.py --dry-run --no-save   # the same code on the CPU with 128 images (~15 s on 2 cores)
 
-What runs: `abkd.vision.train.fit` with the published ABKD recipe for resnet32x4 → resnet8x4
-(`abkd.vision.recipes.recipe`: batch 64, SGD lr 0.05, α=0.8, β=0.2, bf16 autocast on CUDA) cut to one epoch,
+What runs: `abkd.cifar.train.fit` with the published ABKD recipe for resnet32x4 → resnet8x4
+(`abkd.cifar.recipes.recipe`: batch 64, SGD lr 0.05, α=0.8, β=0.2, bf16 autocast on CUDA) cut to one epoch,
 on random CIFAR-shaped data: a CPU `TensorDataset` of `torch.randn` images [N, 3, 32, 32] (already "normalized",
 no augmentation) and labels uniform in 0..99, plus a random test set for the end-of-epoch evaluation. Both
 networks are randomly initialized (no teacher checkpoint is loaded): the arithmetic is that of the real run,
@@ -134,9 +134,9 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
 
     import abkd
-    from abkd.vision.models import count_parameters, create_model
-    from abkd.vision.recipes import recipe
-    from abkd.vision.train import fit
+    from abkd.cifar.models import count_parameters, create_model
+    from abkd.cifar.recipes import recipe
+    from abkd.cifar.train import fit
 
     cfg = recipe(TEACHER, STUDENT, METHOD, seed=args.seed)
     published_epochs = cfg.epochs
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
                             "models already on the device"}
         save_record(out, experiment="bench_cifar_gpu", config=config, metrics=metrics, seed=args.seed,
                     notes="one epoch of the published ABKD recipe for resnet32x4 -> resnet8x4 through "
-                          "abkd.vision.train.fit on random data; see bench/README.md")
+                          "abkd.cifar.train.fit on random data; see bench/README.md")
         print(f"saved {out}")
     return 0
 

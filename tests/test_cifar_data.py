@@ -1,4 +1,4 @@
-"""Tests of `abkd.vision.data` on stand-in files in the exact `cifar-100-python` format, loaded through torchvision's
+"""Tests of `abkd.cifar.data` on stand-in files in the exact `cifar-100-python` format, loaded through torchvision's
 own CIFAR100 code: shapes, dtypes, labels, normalization, augmentation on train only, the validation split, the errors
 for missing and corrupted files, the synthetic builder (idempotent, atomic) and its learnability."""
 import os
@@ -15,7 +15,7 @@ pytest.importorskip("torchvision")
 import torchvision
 from PIL import Image
 
-from abkd.vision import data as D
+from abkd.cifar import data as D
 
 MEAN = torch.tensor(D.CIFAR100_MEAN)[:, None, None]
 STD = torch.tensor(D.CIFAR100_STD)[:, None, None]

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-import abkd.vision.experiment as E
+import abkd.cifar.experiment as E
 from abkd.cli import main
 from abkd.results import load_record
-from abkd.vision.data import build_synthetic_cifar100
-from abkd.vision.recipes import (METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path,
+from abkd.cifar.data import build_synthetic_cifar100
+from abkd.cifar.recipes import (METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path,
                                  teacher_registry, teacher_recipe)
-from abkd.vision.train import TrainConfig, fit, load_checkpoint, make_loss
+from abkd.cifar.train import TrainConfig, fit, load_checkpoint, make_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def test_teacher_registry_and_checkpoint_checks(tmp_path):
         teacher_path("resnet56", tmp_path)
     f = tmp_path / reg["resnet56"].file
     f.parent.mkdir(parents=True)
-    from abkd.vision.models import create_model
+    from abkd.cifar.models import create_model
     torch.save({"model": create_model("resnet56").state_dict()}, f)      # mdistiller's format
     assert teacher_path("resnet56", tmp_path) == f
     cfg = recipe("resnet56", "resnet20", "kd", teacher_checkpoint=str(f))
@@ -132,7 +132,7 @@ def test_end_to_end_teacher_then_student_on_standin_files(tiny_data, tmp_path):
 
 
 def test_grid_search_chooses_on_validation(tiny_data, tmp_path):
-    from abkd.vision.models import create_model
+    from abkd.cifar.models import create_model
     ck = tmp_path / "resnet56.pt"
     torch.save(create_model("resnet56").state_dict(), ck)          # the standard pair's teacher architecture
     E.grid_search("resnet56", "resnet20", "abkd", tiny_data, tmp_path / "grid", grid=[(0.8, 0.2), (0.9, 0.5)],
@@ -165,7 +165,7 @@ def test_two_process_ddp_run(tmp_path):
         sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
         from accelerate import Accelerator
         from test_cifar_train import TOY, DATA, toy_model
-        from abkd.vision.train import fit
+        from abkd.cifar.train import fit
         acc = Accelerator(cpu=True)
         res = fit(TOY, toy_model(), DATA, {str(tmp_path / 'run')!r}, progress=False, accelerator=acc)
         if acc.is_main_process:

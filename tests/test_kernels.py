@@ -8,7 +8,7 @@ import torch
 
 import abkd
 from abkd.divergence import ab_divergence, resolve_impl
-from abkd.kernels.chunked import ab_divergence_chunked, ab_plan
+from abkd.kernels.torch_chunked import ab_divergence_chunked, ab_plan
 from abkd.kernels.fused_linear import ab_divergence_from_hidden
 from abkd.gradients import saved_tensor_bytes
 from cases import GRID, _ids, randn

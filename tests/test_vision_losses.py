@@ -1,4 +1,4 @@
-"""Tests of `abkd.vision.losses` (KD, ABKD, DKD, ABDKD, LSD, ABLSD, TTM, ABTTM, WTTM) against the independent
+"""Tests of `abkd.vision_losses` (KD, ABKD, DKD, ABDKD, LSD, ABLSD, TTM, ABTTM, WTTM) against the independent
 float64 references of tests/loss_reference.py, the (1, 0) identities, every (alpha, beta) including 0, precision,
 gradients and the registry."""
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import loss_reference as ref
-from abkd.vision import losses as V
+import abkd.vision_losses as V
 
 AB = dict(alpha=0.8, beta=0.3)
 REFERENCES = {"kd": ref.kd, "abkd": ref.abkd, "dkd": ref.dkd, "abdkd": ref.abdkd, "lsd": ref.lsd, "ablsd": ref.ablsd,

@@ -1,4 +1,4 @@
-"""Tests of `abkd.vision.models`, the CIFAR-100 model zoo: output and feature shapes of every model, parameter counts
+"""Tests of `abkd.cifar.models`, the CIFAR-100 model zoo: output and feature shapes of every model, parameter counts
 and state-dict layouts equal to those of the reference implementations (RepDistiller `models/`, identical in
 mdistiller `mdistiller/models/cifar/`), other class counts, gradients, and the registry's errors."""
 import hashlib
@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from abkd.vision import models as M
+from abkd.cifar import models as M
 
 # Parameters of the reference models at num_classes=100 (RepDistiller's model_dict entries; mdistiller's agree).
 REFERENCE_PARAMS = {

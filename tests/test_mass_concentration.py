@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from abkd.dynamics import (ControlledTask, check_ab_concentration, check_fkl_error_alone, check_rkl_confidence_order,
+from abkd.mass_concentration import (ControlledTask, check_ab_concentration, check_fkl_error_alone, check_rkl_confidence_order,
                            concentration_stats, confidence_factor_share, controlled_experiment, evaluate_student,
                            exact_log_mass_ratio, first_order_error, first_order_log_mass_ratio, hardness_factor_share,
                            mass_reallocation, matching_factor, one_step_changes, step_for_mass, structured_example,
@@ -53,7 +53,7 @@ def test_claim_b_rkl_favours_confident_classes():
 
 def test_claim_b_fails_for_fkl():
     # the same measurement applied to FKL finds no preference: margins are ~0, so the strict claim is FKL-specific
-    from abkd.dynamics import equal_error_pairs
+    from abkd.mass_concentration import equal_error_pairs
     margins = []
     for s, t, i, j, _ in equal_error_pairs(40, 30, seed=1):
         d = one_step_changes(s, t, 1.0, 0.0, 1e-4)
