@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch import nn
 import abkd.cifar.experiment as E
-from abkd.cifar.recipes import (METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path, teacher_registry)
+from abkd.cifar.models import create_model
+from abkd.cifar.recipes import (METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path,
+                                teacher_registry)
 from abkd.cifar.train import make_loss
 
 
@@ -29,7 +31,6 @@ def test_teacher_registry_and_checkpoint_checks(tmp_path):
         teacher_path("resnet56", tmp_path)
     f = tmp_path / reg["resnet56"].file
     f.parent.mkdir(parents=True)
-    from abkd.cifar.models import create_model
     torch.save({"model": create_model("resnet56").state_dict()}, f)      # mdistiller's format
     assert teacher_path("resnet56", tmp_path) == f
     cfg = recipe("resnet56", "resnet20", "kd", teacher_checkpoint=str(f))

@@ -1,8 +1,12 @@
-"""Tests of `abkd.clip.data`: base/new halves, class subsampling, few-shot sampling, every reader on its stand-in, and the errors for missing or corrupt files."""
+"""Tests of `abkd.clip.data`: base/new halves, class subsampling, few-shot sampling, every reader on its stand-in, and
+the errors for missing or corrupt files."""
 import json, math
 from pathlib import Path
 import pytest
-from abkd.clip.data import (DATASETS, STANDIN_WORDS, Datum, DatasetNotFoundError, ImageList, base_new_labels, base_new_splits, clip_transform, fewshot, read_dataset, subsample_classes, write_standin_dataset)
+import abkd.clip.data as D
+from abkd.clip.data import (DATASETS, STANDIN_WORDS, Datum, DatasetNotFoundError, ImageList, base_new_labels,
+                            base_new_splits, clip_transform, fewshot, read_dataset, subsample_classes,
+                            write_standin_dataset)
 
 
 @pytest.mark.parametrize("n, base", [(1, [0]), (2, [0]), (5, [0, 1, 2]), (10, [0, 1, 2, 3, 4]), (101, list(range(51)))])
@@ -75,7 +79,6 @@ def test_corrupt_split_and_image(tmp_path):
 
 
 def test_standin_write_leaves_nothing_half_written(tmp_path, monkeypatch):
-    import abkd.clip.data as D
     calls = {"n": 0}
     real = D._standin_image
     def failing(*a, **k):

@@ -1,8 +1,12 @@
-"""Tests of `abkd.clip.models`: the deep-prompted CLIP and the PromptKD student on tiny configs, and the teacher-prompt registry."""
+"""Tests of `abkd.clip.models`: the deep-prompted CLIP and the PromptKD student on tiny configs, and the
+teacher-prompt registry."""
 import pytest
 import torch
 from abkd.clip.data import STANDIN_WORDS
-from abkd.clip.models import (FeatureProjection, PromptConfig, PromptedCLIP, PromptKDStudent, TeacherPromptsNotFoundError, class_prompts, encode_image, encode_text, load_clip, load_teacher_prompts, teacher_prompt_path, tiny_clip_config, trainable_parameters, word_tokenizer)
+from abkd.clip.models import (FeatureProjection, PromptConfig, PromptedCLIP, PromptKDStudent,
+                              TeacherPromptsNotFoundError, class_prompts, encode_image, encode_text, load_clip,
+                              load_teacher_prompts, projection_parameter_count, prompt_parameter_count,
+                              teacher_prompt_path, tiny_clip_config, trainable_parameters, word_tokenizer)
 
 
 TOK_WORDS = ["a", "photo", "of"] + STANDIN_WORDS
@@ -35,7 +39,6 @@ def test_prompt_learner_shapes_and_counts(tiny):
 
 def test_paper_size_counts_from_configs():
     "Prompt and projection sizes of ViT-B/16 and ViT-L/14 built from their published widths (random weights)."
-    from abkd.clip.models import projection_parameter_count, prompt_parameter_count
     assert prompt_parameter_count(PromptConfig(), 512, 768)["vision"] == 27648
     assert projection_parameter_count(512, 768) == sum(p.numel() for p in FeatureProjection(512, 768).parameters())
 

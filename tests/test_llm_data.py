@@ -2,7 +2,6 @@
 tokenization and truncation, the padding collate, the validation split, the test-set registry and its ≥ 11-token rule,
 and the synthetic stand-in (records, the byte-level BPE tokenizer through AutoTokenizer, the atomic writer)."""
 import json
-import os
 
 import pytest
 import torch

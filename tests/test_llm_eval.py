@@ -1,5 +1,6 @@
-"""MiniLLM-protocol evaluation: ROUGE-L against hand-computed values, generation (EOS, left padding, the length cap,
-'<|endoftext|>' cut, seeds) and its independence of batch size and process count, the seed aggregate and its record."""
+"""Tests of `abkd.llm.eval`, the MiniLLM-protocol evaluation: ROUGE-L against hand-computed values, generation (EOS,
+left padding, the length cap, '<|endoftext|>' cut, seeds) and its independence of batch size and process count, the seed
+aggregate and its record."""
 import json
 import math
 from types import SimpleNamespace
