@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from abkd.cifar.train import TrainConfig, fit, load_checkpoint
+from abkd.cifar.train import TrainConfig, fit
+from abkd.training import load_checkpoint
 
 
 ROOT = Path(__file__).resolve().parent.parent

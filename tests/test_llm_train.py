@@ -98,3 +98,16 @@ def test_bad_inputs(tmp_path):
     t = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=44, n_positions=48))
     with pytest.raises(ValueError, match="vocab"):
         fit_llm(cfg, gpt(0), rows(4, 0), rows(2, 1), collate, tmp_path / "v", teacher=t, progress=False)
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    class NaNLoss(torch.nn.Module):
+        def forward(self, s, t, mask=None): return s.sum() * float("nan")
+    cfg = LLMTrainConfig(epochs=1, micro_batch_size=4, monitor_every=0)
+    student = gpt(0)
+    before = [p.detach().clone() for p in student.parameters()]
+    with pytest.raises(FloatingPointError, match="at epoch 1, step 0: lower the learning rate"):
+        fit_llm(cfg, student, rows(8, 0), rows(2, 1), collate, tmp_path, teacher=gpt(1, 3), progress=False,
+                kd_loss=NaNLoss())
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -4,20 +4,20 @@
 
 # %% ../../nbs/14_cifar_train.ipynb #03dab44b
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, random, tempfile, time
+import dataclasses, hashlib, json, math, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ..training import (
+    Checkpoint, Processes, check_finite, epoch_loader, epochs_to_run, mixed_precision, prepare_teacher, progress_bar,
+    progress_line, save_checkpoint)
 from ..vision_losses import VISION_LOSSES, get_vision_loss
 
 # %% auto #0
-__all__ = ['SMALL_LR_MODELS', 'CHECKPOINT', 'recipe_lr', 'TrainConfig', 'make_loss', 'make_optimizer', 'epoch_seed',
-           'seed_everything', 'train_epoch', 'evaluate', 'save_checkpoint', 'load_checkpoint', 'fit']
+__all__ = ['SMALL_LR_MODELS', 'recipe_lr', 'TrainConfig', 'make_loss', 'make_optimizer', 'train_epoch', 'evaluate', 'fit']
 
 # %% ../../nbs/14_cifar_train.ipynb #b2ebc987
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")     # lr 0.01 in the published recipe
@@ -73,44 +73,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
     return opt, sched
 
-# %% ../../nbs/14_cifar_train.ipynb #07bf0bb4
-def epoch_seed(seed: int, epoch: int) -> int:
-    "A 63-bit seed for one epoch of one run."
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
-
-def seed_everything(seed: int, loader_generator: Optional[torch.Generator] = None) -> None:
-    "Seed torch (CPU and CUDA), NumPy, random and the loader's shuffling generator."
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    if loader_generator is not None: loader_generator.manual_seed(seed)
-
 # %% ../../nbs/14_cifar_train.ipynb #5eda22f7
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-
 def train_epoch(model: nn.Module, loader, objective: nn.Module, optimizer, device: torch.device, epoch: int,
                 teacher: Optional[nn.Module] = None, amp: bool = True, progress: bool = True,
                 accelerator=None) -> dict:
     "One pass over `loader`: returns mean loss and training accuracy. DKD's warm-up reads the fractional epoch."
     model.train()
+    run = Processes(accelerator, device)
     total_loss, correct, seen, steps = 0.0, 0, 0, len(loader)
-    autocast = accelerator.autocast if accelerator is not None else (lambda: _autocast(device, amp))
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    bar = progress_bar(loader, f"epoch {epoch + 1}", progress)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
+        with run.autocast(amp):
             logits = model(x)
             if teacher is None: loss = objective(logits.float(), y)
             else:
                 with torch.no_grad(): t_logits = teacher(x)
                 loss = objective.total(logits.float(), t_logits.float(), y, epoch=epoch + step / steps)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step}: "
-                                     "lower the learning rate or check the inputs")
+        check_finite(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss) if accelerator is not None else loss.backward()
+        run.backward(loss)
         optimizer.step()
         total_loss += loss.item() * y.numel(); correct += (logits.argmax(-1) == y).sum().item(); seen += y.numel()
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
@@ -123,41 +105,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = True) -
     correct, seen, total = 0, 0, 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with _autocast(device, amp): logits = model(x).float()
+        with mixed_precision(device, amp): logits = model(x).float()
         total += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item(); seen += y.numel()
     return dict(acc=100.0 * correct / max(seen, 1), loss=total / max(seen, 1))
 
-# %% ../../nbs/14_cifar_train.ipynb #b25d4a52
-CHECKPOINT = "checkpoint.pt"
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    "torch.save to a temporary file beside `path`, then an atomic rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
-def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    "A checkpoint of the same configuration, or a clear error."
-    try: state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start over") from e
-    if state.get("config") != cfg.to_dict():
-        raise ValueError(f"checkpoint {path} belongs to another configuration; use another out_dir or delete it")
-    return state
-
 # %% ../../nbs/14_cifar_train.ipynb #f1f34d2b
-def _device(device=None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-def _loader(dataset, batch_size: int, device: torch.device, num_workers: int, generator=None):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None,
-                                       generator=generator, num_workers=num_workers,
+def _eval_loader(dataset, device: torch.device, num_workers: int):
+    return torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=num_workers,
                                        pin_memory=device.type == "cuda", drop_last=False)
 
 def fit(cfg: TrainConfig, model: nn.Module, datasets: dict, out_dir, teacher: Optional[nn.Module] = None,
@@ -168,41 +123,30 @@ def fit(cfg: TrainConfig, model: nn.Module, datasets: dict, out_dir, teacher: Op
     With an `accelerate.Accelerator` (e.g. under `accelerate launch`), the model and optimizer are wrapped for DDP and
     each epoch's loader is sharded over the processes (`cfg.batch_size` is then per process); the main process
     evaluates, checkpoints and reports."""
-    device = accelerator.device if accelerator is not None else _device(device)
-    out_dir = Path(out_dir)
-    main = accelerator is None or accelerator.is_main_process
-    if main: out_dir.mkdir(parents=True, exist_ok=True)
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-        for p in teacher.parameters(): p.requires_grad_(False)
+    run = Processes(accelerator, device)
+    device, out_dir = run.device, Path(out_dir)
+    if run.main: out_dir.mkdir(parents=True, exist_ok=True)
+    if teacher is not None: teacher = prepare_teacher(teacher, device)
     objective = make_loss(cfg)
     model = model.to(device)
     optimizer, scheduler = make_optimizer(model, cfg)
     history, best, start = [], dict(epoch=None, select_acc=-math.inf, test_acc=None), 0
-    ckpt = out_dir / CHECKPOINT
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, cfg)
-        model.load_state_dict(state["model"]); optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, start = state["history"], state["best"], state["epoch"]
-    if accelerator is not None: model, optimizer = accelerator.prepare(model, optimizer)
-    bare = accelerator.unwrap_model(model) if accelerator is not None else model
+    ckpt = Checkpoint(out_dir, cfg)
+    saved = ckpt.load(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    if saved is not None: history, best, start = saved["history"], saved["best"], saved["epoch"]
+    model, optimizer, bare = run.wrap(model, optimizer)
     select = "val" if datasets.get("val") is not None else "test"
-    test_loader = _loader(datasets["test"], 256, device, num_workers)
-    val_loader = _loader(datasets["val"], 256, device, num_workers) if select == "val" else None
+    test_loader = _eval_loader(datasets["test"], device, num_workers)
+    val_loader = _eval_loader(datasets["val"], device, num_workers) if select == "val" else None
     t0 = time.perf_counter()
-    last = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
-    for epoch in range(start, last):
-        generator = torch.Generator()
-        seed_everything(epoch_seed(cfg.seed, epoch), generator)
-        train_loader = _loader(datasets["train"], cfg.batch_size, device, num_workers, generator)
-        if accelerator is not None and accelerator.num_processes > 1:     # shard this epoch's order over the processes
-            train_loader = accelerator.prepare(train_loader)
+    for epoch in epochs_to_run(start, cfg.epochs, stop_after):
+        train_loader = run.shard(epoch_loader(datasets["train"], cfg.batch_size, cfg.seed, epoch,   # sharded: DDP
+                                              num_workers=num_workers, pin_memory=device.type == "cuda"))
         stats = train_epoch(model, train_loader, objective, optimizer, device, epoch, teacher, cfg.amp,
-                            progress and main, accelerator)
+                            progress and run.main, accelerator)
         stats["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        if main:
+        if run.main:
             stats["test_acc"] = evaluate(bare, test_loader, device, cfg.amp)["acc"]
             if val_loader is not None: stats["val_acc"] = evaluate(bare, val_loader, device, cfg.amp)["acc"]
             stats["epoch"] = epoch + 1
@@ -210,15 +154,13 @@ def fit(cfg: TrainConfig, model: nn.Module, datasets: dict, out_dir, teacher: Op
             if stats[f"{select}_acc"] > best["select_acc"]:
                 best = dict(epoch=epoch + 1, select_acc=stats[f"{select}_acc"], test_acc=stats["test_acc"])
                 save_checkpoint(out_dir / "best_model.pt", bare.state_dict())
-            save_checkpoint(ckpt, dict(config=cfg.to_dict(), epoch=epoch + 1, model=bare.state_dict(),
-                                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                       history=history, best=best))
-            if progress:
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.3f} train "
-                           f"{stats['train_acc']:.2f} test {stats['test_acc']:.2f}"
-                           + (f" val {stats['val_acc']:.2f}" if select == "val" else ""))
-        if accelerator is not None: accelerator.wait_for_everyone()
+            ckpt.save(epoch=epoch + 1, model=bare.state_dict(), optimizer=optimizer.state_dict(),
+                      scheduler=scheduler.state_dict(), history=history, best=best)
+            progress_line(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.3f} train "
+                          f"{stats['train_acc']:.2f} test {stats['test_acc']:.2f}"
+                          + (f" val {stats['val_acc']:.2f}" if select == "val" else ""), progress)
+        run.barrier()
     return dict(config=cfg.to_dict(), finished=len(history) == cfg.epochs, epochs_run=len(history), history=history,
                 last_test_acc=history[-1]["test_acc"] if history else None, best_epoch=best["epoch"],
                 best_test_acc=best["test_acc"], best_chosen_on=select, seconds_this_call=time.perf_counter() - t0,
-                main_process=main)
+                main_process=run.main)

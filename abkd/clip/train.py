@@ -11,13 +11,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from .data import BaseNewSplits, ImageList, clip_transform, dataset_spec
 from .metrics import accuracy, harmonic_mean
 from .models import PromptedCLIP
 from ..results import save_record
+from ..training import (
+    Checkpoint, check_finite, epoch_loader, epochs_to_run, mixed_precision, prepare_teacher, progress_bar,
+    resolve_device)
 from ..vision_losses import VISION_LOSSES, get_vision_loss
-from ..cifar.train import _autocast, _device, epoch_seed, save_checkpoint, seed_everything
 
 # %% auto #0
 __all__ = ['CLIPTrainConfig', 'epoch_lr', 'make_objective', 'kd_objective', 'frozen_names', 'learned_state', 'load_learned_state',
@@ -112,7 +113,7 @@ def class_logits(model: nn.Module, items, text_features: Tensor, cfg: CLIPTrainC
                                          num_workers=cfg.num_workers)
     out, labels = [], []
     for x, y in loader:
-        with _autocast(device, cfg.amp): out.append(model(x.to(device), text_features).float().cpu())
+        with mixed_precision(device, cfg.amp): out.append(model(x.to(device), text_features).float().cpu())
         labels.append(y)
     return torch.cat(out), torch.cat(labels)
 
@@ -120,7 +121,7 @@ def class_logits(model: nn.Module, items, text_features: Tensor, cfg: CLIPTrainC
 def evaluate_base_new(model: nn.Module, splits: BaseNewSplits, text_features: Tensor, cfg: CLIPTrainConfig,
                       device=None) -> dict:
     "Base and new top-1 accuracy (%) and their harmonic mean."
-    device, m = _device(device), splits.n_base
+    device, m = resolve_device(device), splits.n_base
     g = text_features.to(device)
     base = accuracy(*class_logits(model, splits.test_base, g[:m], cfg, device))
     new = accuracy(*class_logits(model, splits.test_new, g[m:], cfg, device))
@@ -131,13 +132,35 @@ def _train_items(cfg: CLIPTrainConfig, splits: BaseNewSplits):
     if cfg.stage == "teacher": return splits.train_base
     return splits.train_all
 
+def _train_epoch(cfg: CLIPTrainConfig, model: nn.Module, loader, optimizer, splits: BaseNewSplits, epoch: int, device,
+                 teacher: Optional[PromptedCLIP], g_teacher: Optional[Tensor], loss_fn, progress: bool) -> float:
+    "One epoch of the stage; the mean loss per image."
+    model.train()
+    if cfg.stage == "kd": model.prompted.clip.eval()        # frozen backbone: no dropout, as in eval
+    else: model.clip.eval()
+    total, n = 0.0, 0
+    bar = progress_bar(loader, f"{cfg.stage} {cfg.method if cfg.stage == 'kd' else ''} epoch {epoch + 1}", progress)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device), y.to(device)
+        with mixed_precision(device, cfg.amp):
+            if cfg.stage == "teacher":
+                loss = F.cross_entropy(model(x, model.text_features()[:splits.n_base]).float(), y)
+            else:
+                with torch.no_grad(): t_logits = teacher(x, g_teacher)
+                loss = kd_objective(cfg, loss_fn, model(x, g_teacher), t_logits, epoch + step / len(loader))
+        check_finite(loss, epoch, step)
+        optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+        total, n = total + loss.item() * len(x), n + len(x)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / max(n, 1)
+
 def fit_clip(cfg: CLIPTrainConfig, model: nn.Module, splits: BaseNewSplits, out_dir, *,
              teacher: Optional[PromptedCLIP] = None, device=None, resume: bool = True,
              stop_after: Optional[int] = None, progress: bool = True) -> dict:
     "Train `model` (stage teacher: a PromptedCLIP; stage kd: a PromptKDStudent from `teacher`); return the record."
     if cfg.dataset != splits.name: raise ValueError(f"cfg.dataset is {cfg.dataset!r} but the splits are {splits.name!r}")
     if cfg.stage == "kd" and teacher is None: raise ValueError("stage 'kd' needs the teacher (a PromptedCLIP)")
-    device, out_dir = _device(device), Path(out_dir)
+    device, out_dir = resolve_device(device), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,49 +168,23 @@ def fit_clip(cfg: CLIPTrainConfig, model: nn.Module, splits: BaseNewSplits, out_
     loss_fn = make_objective(cfg) if cfg.stage == "kd" else None
     g_teacher = None
     if teacher is not None:
-        teacher.to(device).eval()
-        with torch.no_grad(), _autocast(device, cfg.amp): g_teacher = teacher.text_features().float()
-    state = dict(epoch=0, history=[])
-    ckpt = out_dir / "checkpoint.pt"
-    if resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved.get("config") != cfg.to_dict():
-            raise ValueError(f"checkpoint {ckpt} belongs to another configuration; use another out_dir or delete it")
-        load_learned_state(model, saved["learned"]); optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+        prepare_teacher(teacher, device, freeze=False)       # its prompts stay learnable for a later teacher stage
+        with torch.no_grad(), mixed_precision(device, cfg.amp): g_teacher = teacher.text_features().float()
+    ckpt = Checkpoint(out_dir, cfg)
+    saved = ckpt.load(resume, optimizer=optimizer)
+    if saved is not None: load_learned_state(model, saved["learned"])
+    state = saved["state"] if saved is not None else dict(epoch=0, history=[])
     items = _train_items(cfg, splits)
     if not items: raise ValueError(f"no training images for stage {cfg.stage!r} of {splits.name!r}")
     dataset = ImageList(items, clip_transform(cfg.image_size, train=True))
-    last = cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)
     t0 = time.time()
-    for epoch in range(state["epoch"], last):
-        generator = torch.Generator()
-        seed_everything(epoch_seed(cfg.seed, epoch), generator)
+    for epoch in epochs_to_run(state["epoch"], cfg.epochs, stop_after):
+        loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, num_workers=cfg.num_workers)
         for group in optimizer.param_groups: group["lr"] = epoch_lr(cfg, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                                             num_workers=cfg.num_workers, drop_last=False)
-        model.train()
-        if cfg.stage == "kd": model.prompted.clip.eval()        # frozen backbone: no dropout, as in eval
-        else: model.clip.eval()
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"{cfg.stage} {cfg.method if cfg.stage == 'kd' else ''} epoch {epoch + 1}",
-                   leave=False, disable=not progress)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(device), y.to(device)
-            with _autocast(device, cfg.amp):
-                if cfg.stage == "teacher":
-                    loss = F.cross_entropy(model(x, model.text_features()[:splits.n_base]).float(), y)
-                else:
-                    with torch.no_grad(): t_logits = teacher(x, g_teacher)
-                    loss = kd_objective(cfg, loss_fn, model(x, g_teacher), t_logits, epoch + step / len(loader))
-            if not torch.isfinite(loss): raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
-            total, n = total + loss.item() * len(x), n + len(x)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        state["history"].append(dict(epoch=epoch + 1, loss=total / max(n, 1), lr=epoch_lr(cfg, epoch)))
+        loss = _train_epoch(cfg, model, loader, optimizer, splits, epoch, device, teacher, g_teacher, loss_fn, progress)
+        state["history"].append(dict(epoch=epoch + 1, loss=loss, lr=epoch_lr(cfg, epoch)))
         state["epoch"] = epoch + 1
-        save_checkpoint(ckpt, dict(config=cfg.to_dict(), learned=learned_state(model),
-                                   optimizer=optimizer.state_dict(), state=state))
+        ckpt.save(learned=learned_state(model), optimizer=optimizer.state_dict(), state=state)
     result = dict(config=cfg.to_dict(), finished=state["epoch"] == cfg.epochs, history=state["history"],
                   train_seconds=time.time() - t0)
     if result["finished"]:

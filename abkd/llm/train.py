@@ -4,16 +4,18 @@
 
 # %% ../../nbs/23_llm_train.ipynb #78c0d1b9
 from __future__ import annotations
-import dataclasses, math, tempfile
+import dataclasses, math, shutil, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from ..mass_concentration import concentration_stats
 from ..losses import available as available_losses, get_loss
+from ..training import (
+    Checkpoint, Processes, check_finite, epoch_loader, epoch_seed, epochs_to_run, prepare_teacher, progress_bar,
+    progress_line)
 
 # %% auto #0
 __all__ = ['LLMTrainConfig', 'shifted', 'micro_batch_loss', 'make_kd_loss', 'prompt_lengths', 'sample_from_student',
@@ -124,12 +126,6 @@ class ReplayBuffer:
                 torch.stack([F.pad(x, (0, width - x.numel()), value=-100) for x in labs]))
 
 # %% ../../nbs/23_llm_train.ipynb #48e2a12a
-from ..cifar.train import epoch_seed, save_checkpoint, seed_everything   # shared with the CIFAR trainer
-
-def _batches(dataset, cfg: LLMTrainConfig, collate: Callable, generator: torch.Generator):
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, shuffle=True, generator=generator,
-                                       collate_fn=collate, drop_last=False)
-
 @torch.no_grad()
 def validation_loss(model: nn.Module, dataset, collate: Callable, device, batch_size: int = 8) -> float:
     "Mean LM loss per supervised token over `dataset`."
@@ -152,8 +148,7 @@ def _save_pretrained_atomic(model, tokenizer, path: Path) -> None:
     old = path.with_name(path.name + ".old")
     if path.exists(): path.rename(old)
     tmp.rename(path)
-    if old.exists():
-        import shutil; shutil.rmtree(old)
+    if old.exists(): shutil.rmtree(old)
 
 def _lr_lambda(cfg: LLMTrainConfig, total_steps: int):
     "Linear warm-up over warmup_steps, then cosine decay to 0 at total_steps."
@@ -163,104 +158,117 @@ def _lr_lambda(cfg: LLMTrainConfig, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
 
+def _special_tokens(model: nn.Module, tokenizer) -> tuple[int, int, int]:
+    "(eos, pad, max_len) for the student's samples: stop at eos, pad with pad, stay within its positions."
+    eos = getattr(getattr(model, "config", None), "eos_token_id", 0) or 0
+    pad = eos if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    return eos, pad, getattr(getattr(model, "config", None), "n_positions", 512)
+
+def _use_student_outputs(cfg: LLMTrainConfig, batches: list, gen_prob: float, coin: torch.Generator,
+                         replay: ReplayBuffer, model: nn.Module, device, tokens: tuple, sample_seed: int) -> None:
+    "With the step's probability (a draw of `coin`), the step's responses replaced by student samples, in place."
+    p_gen = cfg.student_gen_ratio if cfg.student_gen == "mixed" else gen_prob
+    if not (cfg.student_gen and float(torch.rand((), generator=coin)) < p_gen): return
+    eos, pad, max_len = tokens
+    for b in batches:           # adaptive: half of the micro-batches from the replay buffer, once it holds one
+        if cfg.student_gen == "adaptive" and len(replay.rows) >= cfg.micro_batch_size and \
+                float(torch.rand((), generator=coin)) < 0.5:
+            ids, labs = replay.sample(b["input_ids"].shape[0], coin)
+        else:
+            ids, labs = sample_from_student(model, b["input_ids"].to(device), b["labels"].to(device), eos, pad,
+                                            max_len, sample_seed)
+            replay.add(ids, labs)
+        b.update(input_ids=ids, labels=labs, attention_mask=(labs != -100) | (ids != pad))
+
+def _accumulate(cfg: LLMTrainConfig, run: Processes, model: nn.Module, teacher: Optional[nn.Module], batches: list,
+                kd_loss: Optional[nn.Module]) -> tuple[float, tuple]:
+    "Backward of each micro-batch's share of the step; (step loss, (logits, labels, teacher logits) of the last one)."
+    n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)), device=run.device)
+    n_tok = max(float(run.sum(n_tok)), 1.0) / run.world            # DDP averages gradients over processes
+    step_loss = 0.0
+    for b in batches:
+        ids, labels, attn = (b[k].to(run.device) for k in ("input_ids", "labels", "attention_mask"))
+        logits = model(ids, attention_mask=attn).logits
+        t_logits = teacher(ids, attention_mask=attn).logits if teacher is not None else None
+        loss = micro_batch_loss(cfg, logits, labels, n_tok, t_logits, kd_loss)
+        run.backward(loss)
+        step_loss += loss.item()
+    return step_loss, (logits, labels, t_logits)
+
+def _monitor(cfg: LLMTrainConfig, logits: Tensor, labels: Tensor, t_logits: Tensor) -> dict:
+    "The mass-concentration statistics of a micro-batch at the loss's (α, β)."
+    s, lab, mask = shifted(logits, labels)
+    t, _, _ = shifted(t_logits, labels)
+    return concentration_stats(s, t, mask, **{k: v for k, v in cfg.loss_params.items() if k in ("alpha", "beta")})
+
+def _select(cfg: LLMTrainConfig, state: dict, model: nn.Module, val_set, collate: Callable, device,
+            select_fn: Optional[Callable], epoch: int, train_loss: float, lr: float) -> bool:
+    "After `epoch`: validation, score, student-output probability and history entry in `state`; True for a new best."
+    val = validation_loss(model, val_set, collate, device)
+    score = select_fn(model) if select_fn is not None else -val
+    state["gen_prob"] = update_gen_prob(cfg, state["gen_prob"], state["last_val"], val)
+    state["last_val"] = val
+    state["history"].append(dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val, score=score,
+                                 gen_prob=state["gen_prob"], lr=lr))
+    if not score > state["best"]["score"]: return False
+    state["best"] = dict(epoch=epoch + 1, score=score, val_loss=val)
+    return True
+
 def fit_llm(cfg: LLMTrainConfig, model: nn.Module, train_set, val_set, collate: Callable, out_dir, *,
             teacher: Optional[nn.Module] = None, tokenizer=None, select_fn: Optional[Callable] = None,
             accelerator=None, device=None, resume: bool = True, stop_after: Optional[int] = None,
             progress: bool = True, kd_loss: Optional[nn.Module] = None) -> dict:
     "Train `model` per `cfg` (SFT, or KD from `teacher` with `kd_loss`, default make_kd_loss(cfg)); checkpoint every epoch."
     if cfg.mode == "kd" and teacher is None: raise ValueError("mode='kd' needs a teacher model")
-    device = accelerator.device if accelerator is not None else torch.device(
-        device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    main = accelerator is None or accelerator.is_main_process
-    out_dir = Path(out_dir)
-    if main: out_dir.mkdir(parents=True, exist_ok=True)
+    run = Processes(accelerator, device)
+    device, out_dir = run.device, Path(out_dir)
+    if run.main: out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
-    if teacher is not None:
-        t_dtype = getattr(torch, cfg.teacher_dtype) if device.type == "cuda" else torch.float32
-        teacher = teacher.to(device, dtype=t_dtype).eval()
-        for p in teacher.parameters(): p.requires_grad_(False)
+    if teacher is not None:                                     # half precision on GPU only
+        teacher = prepare_teacher(teacher, device, getattr(torch, cfg.teacher_dtype) if device.type == "cuda"
+                                  else torch.float32)
     if kd_loss is None: kd_loss = make_kd_loss(cfg)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.micro_batch_size) / cfg.grad_accum)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
-    state = dict(epoch=0, history=[], best=dict(epoch=None, score=-math.inf), gen_prob=0.0, last_val=None)
-    replay = ReplayBuffer(cfg.replay_size)
-    ckpt = out_dir / "checkpoint.pt"
-    if resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved["config"] != cfg.to_dict():
-            raise ValueError(f"checkpoint {ckpt} belongs to another configuration; use another out_dir or delete it")
-        model.load_state_dict(saved["model"]); optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"]); state = saved["state"]; replay.rows = saved["replay"]
-    if accelerator is not None: model, optimizer = accelerator.prepare(model, optimizer)
-    bare = accelerator.unwrap_model(model) if accelerator is not None else model
-    world = accelerator.num_processes if accelerator is not None else 1
-    eos = getattr(getattr(bare, "config", None), "eos_token_id", 0) or 0
-    pad = eos if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    max_len = getattr(getattr(bare, "config", None), "n_positions", 512)
-    last = cfg.epochs if stop_after is None else min(cfg.epochs, state["epoch"] + stop_after)
-    for epoch in range(state["epoch"], last):
-        generator = torch.Generator()
-        seed_everything(epoch_seed(cfg.seed, epoch), generator)
+    ckpt, replay = Checkpoint(out_dir, cfg), ReplayBuffer(cfg.replay_size)
+    saved = ckpt.load(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    state = saved["state"] if saved is not None else dict(epoch=0, history=[], best=dict(epoch=None, score=-math.inf),
+                                                          gen_prob=0.0, last_val=None)
+    if saved is not None: replay.rows = saved["replay"]
+    model, optimizer, bare = run.wrap(model, optimizer)
+    tokens = _special_tokens(bare, tokenizer)
+    for epoch in epochs_to_run(state["epoch"], cfg.epochs, stop_after):
+        loader = epoch_loader(train_set, cfg.micro_batch_size, cfg.seed, epoch, collate_fn=collate)
         coin = torch.Generator().manual_seed(epoch_seed(cfg.seed + 1, epoch))
-        loader = _batches(train_set, cfg, collate, generator)
-        if accelerator is not None and world > 1: loader = accelerator.prepare(loader)
-        micro = list(loader)
+        micro = list(run.shard(loader))
         model.train()
-        epoch_loss, bar = 0.0, tqdm(range(0, len(micro), cfg.grad_accum), desc=f"epoch {epoch + 1}", leave=False,
-                                    disable=not (progress and main))
+        epoch_loss = 0.0
+        bar = progress_bar(range(0, len(micro), cfg.grad_accum), f"epoch {epoch + 1}", progress and run.main)
         for step_i, start in enumerate(bar):
             batches = [dict(b) for b in micro[start:start + cfg.grad_accum]]
-            p_gen = cfg.student_gen_ratio if cfg.student_gen == "mixed" else state["gen_prob"]
-            if cfg.student_gen and float(torch.rand((), generator=coin)) < p_gen:
-                for b in batches:
-                    if cfg.student_gen == "adaptive" and len(replay.rows) >= cfg.micro_batch_size and \
-                            float(torch.rand((), generator=coin)) < 0.5:
-                        ids, labs = replay.sample(b["input_ids"].shape[0], coin)
-                    else:
-                        ids, labs = sample_from_student(bare, b["input_ids"].to(device), b["labels"].to(device), eos,
-                                                        pad, max_len, epoch_seed(cfg.seed, epoch) % 2**31 + start)
-                        replay.add(ids, labs)
-                    b.update(input_ids=ids, labels=labs, attention_mask=(labs != -100) | (ids != pad))
-            n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)), device=device)
-            if accelerator is not None and world > 1: n_tok = accelerator.reduce(n_tok, "sum")
-            n_tok = max(float(n_tok), 1.0) / world            # DDP averages gradients over processes
-            step_loss = 0.0
-            for b in batches:
-                ids, labels = b["input_ids"].to(device), b["labels"].to(device)
-                attn = b["attention_mask"].to(device)
-                logits = model(ids, attention_mask=attn).logits
-                t_logits = teacher(ids, attention_mask=attn).logits if teacher is not None else None
-                loss = micro_batch_loss(cfg, logits, labels, n_tok, t_logits, kd_loss)
-                accelerator.backward(loss) if accelerator is not None else loss.backward()
-                step_loss += loss.item()
+            _use_student_outputs(cfg, batches, state["gen_prob"], coin, replay, bare, device, tokens,
+                                 epoch_seed(cfg.seed, epoch) % 2**31 + start)
+            step_loss, last = _accumulate(cfg, run, model, teacher, batches, kd_loss)
+            check_finite(step_loss, epoch, step_i)
             if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             epoch_loss += step_loss
             bar.set_postfix(loss=f"{step_loss:.4f}")
-            if main and cfg.mode == "kd" and cfg.monitor_every and step_i % cfg.monitor_every == 0:
-                s, lab, mask = shifted(logits, labels)
-                t, _, _ = shifted(t_logits, labels)
-                stats = concentration_stats(s, t, mask, **{k: v for k, v in cfg.loss_params.items()
-                                                           if k in ("alpha", "beta")})
-                state["history"].append(dict(epoch=epoch + 1, step=step_i, monitor=stats))
-        if accelerator is not None: accelerator.wait_for_everyone()
-        if main:
-            val = validation_loss(bare, val_set, collate, device)
-            score = select_fn(bare) if select_fn is not None else -val
-            state["gen_prob"] = update_gen_prob(cfg, state["gen_prob"], state["last_val"], val)
-            state["last_val"] = val
-            state["history"].append(dict(epoch=epoch + 1, train_loss=epoch_loss / max(1, len(bar)), val_loss=val,
-                                         score=score, gen_prob=state["gen_prob"], lr=scheduler.get_last_lr()[0]))
-            if score > state["best"]["score"]:
-                state["best"] = dict(epoch=epoch + 1, score=score, val_loss=val)
+            if run.main and cfg.mode == "kd" and cfg.monitor_every and step_i % cfg.monitor_every == 0:
+                state["history"].append(dict(epoch=epoch + 1, step=step_i, monitor=_monitor(cfg, *last)))
+        run.barrier()
+        if run.main:
+            if _select(cfg, state, bare, val_set, collate, device, select_fn, epoch, epoch_loss / max(1, len(bar)),
+                       scheduler.get_last_lr()[0]):
                 _save_pretrained_atomic(bare, tokenizer, out_dir / "best")
             state["epoch"] = epoch + 1
-            save_checkpoint(ckpt, dict(config=cfg.to_dict(), model=bare.state_dict(), optimizer=optimizer.state_dict(),
-                                       scheduler=scheduler.state_dict(), state=state, replay=replay.rows))
-            if progress: tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train {state['history'][-1]['train_loss']:.4f} "
-                                    f"val loss {val:.4f} score {score:.4f}")
-        if accelerator is not None: accelerator.wait_for_everyone()
+            ckpt.save(model=bare.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                      state=state, replay=replay.rows)
+            h = state["history"][-1]
+            progress_line(f"epoch {epoch + 1}/{cfg.epochs}: train {h['train_loss']:.4f} val loss {h['val_loss']:.4f} "
+                          f"score {h['score']:.4f}", progress)
+        run.barrier()
     epochs = [h for h in state["history"] if "val_loss" in h]
     return dict(config=cfg.to_dict(), finished=state["epoch"] == cfg.epochs, history=state["history"],
-                epochs=epochs, best=state["best"], main_process=main)
+                epochs=epochs, best=state["best"], main_process=run.main)

@@ -1,0 +1,141 @@
+"""Tests of `abkd.training`: seeds, seeded epochs, the epochs-to-run bound, checkpoints (atomic, config check,
+unreadable files, exact restore), the teacher, the non-finite-loss guard, progress and the single-process forms."""
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from abkd.training import (CHECKPOINT, Checkpoint, Processes, check_finite, epoch_loader, epoch_seed, epochs_to_run,
+                           load_checkpoint, mixed_precision, prepare_teacher, progress_bar, resolve_device,
+                           save_checkpoint, seed_everything)
+
+
+@dataclass
+class Cfg:
+    seed: int = 0
+    lr: float = 0.1
+    def to_dict(self): return asdict(self)
+
+
+class Jitter(torch.utils.data.Dataset):
+    "Items whose every access draws from the global torch RNG (an augmentation)."
+    def __len__(self): return 12
+    def __getitem__(self, i): return torch.tensor(float(i)) + 0.01 * torch.randn(())
+
+
+def test_epoch_seed_is_fixed_63_bit_sha256():
+    assert epoch_seed(0, 0) == 6956993988634818902
+    for s, e in [(0, 1), (10, 3), (12345, 239)]:
+        v = epoch_seed(s, e)
+        assert v == int.from_bytes(hashlib.sha256(f"{s}:{e}".encode()).digest()[:8], "little") >> 1
+        assert 0 <= v < 2**63
+    assert len({epoch_seed(0, e) for e in range(100)}) == 100
+
+
+def test_seed_everything_seeds_every_stream():
+    def draws():
+        g = torch.Generator()
+        seed_everything(epoch_seed(3, 4), g)
+        return torch.rand(3).tolist(), np.random.rand(2).tolist(), random.random(), torch.rand(2, generator=g).tolist()
+    assert draws() == draws()
+
+
+def test_epoch_loader_repeats_an_epoch_exactly():
+    order = lambda seed, epoch: torch.cat(list(epoch_loader(Jitter(), 5, seed, epoch)))
+    assert torch.equal(order(1, 2), order(1, 2))
+    assert not torch.equal(order(1, 2), order(1, 3)) and not torch.equal(order(1, 2), order(2, 2))
+    assert sorted(order(1, 2).round().int().tolist()) == list(range(12))          # a shuffle, nothing dropped
+
+
+def test_epochs_to_run():
+    assert list(epochs_to_run(0, 5)) == [0, 1, 2, 3, 4]
+    assert list(epochs_to_run(2, 5, 2)) == [2, 3]
+    assert list(epochs_to_run(4, 5, 3)) == [4]
+    assert list(epochs_to_run(5, 5)) == []
+
+
+def test_checkpoint_restores_exactly_and_is_atomic(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3); opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)
+    m(torch.randn(2, 4)).sum().backward(); opt.step(); sched.step()
+    ckpt = Checkpoint(tmp_path, Cfg())
+    ckpt.save(epoch=1, model=m.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=[1.5])
+    assert ckpt.path == tmp_path / CHECKPOINT and [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+    m2 = nn.Linear(4, 3); opt2 = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, [1], 0.1)
+    saved = Checkpoint(tmp_path, Cfg()).load(model=m2, optimizer=opt2, scheduler=sched2)
+    assert list(saved) == ["config", "epoch", "model", "optimizer", "scheduler", "history"]
+    assert saved["epoch"] == 1 and saved["history"] == [1.5] and saved["config"] == Cfg().to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], opt2.state_dict()["state"][0]["momentum_buffer"])
+    assert sched2.state_dict() == sched.state_dict() and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_checkpoint_nothing_to_resume(tmp_path):
+    Checkpoint(tmp_path, Cfg()).save(epoch=1)
+    assert Checkpoint(tmp_path, Cfg()).load(resume=False) is None
+    assert Checkpoint(tmp_path / "empty", Cfg()).load() is None
+
+
+def test_checkpoint_refuses_another_config_or_an_unreadable_file(tmp_path):
+    Checkpoint(tmp_path, Cfg()).save(epoch=1)
+    with pytest.raises(ValueError, match="another configuration"):
+        Checkpoint(tmp_path, Cfg(lr=0.2)).load()
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable") as e:
+        load_checkpoint(path, Cfg())
+    assert str(path) in str(e.value) and "delete it" in str(e.value)
+    save_checkpoint(path, torch.zeros(2))
+    with pytest.raises(ValueError, match="unreadable"):
+        Checkpoint(tmp_path, Cfg()).load()
+
+
+def test_save_checkpoint_leaves_no_temporary_file_on_failure(tmp_path):
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path / CHECKPOINT, dict(bad=lambda: 0))          # a lambda cannot be pickled
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_teacher():
+    t = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.BatchNorm1d(3))
+    out = prepare_teacher(t, torch.device("cpu"), torch.float64)
+    assert out is t and not t.training and not any(m.training for m in t.modules())
+    assert all(not p.requires_grad and p.dtype == torch.float64 for p in t.parameters())
+    u = prepare_teacher(nn.Linear(2, 2), torch.device("cpu"), freeze=False)
+    assert not u.training and all(p.requires_grad and p.dtype == torch.float32 for p in u.parameters())
+
+
+def test_check_finite_names_epoch_step_and_fix():
+    check_finite(torch.tensor(1.0, requires_grad=True) * 2, 0, 0)
+    check_finite(3.0, 0, 0)
+    for bad in (float("nan"), float("inf"), torch.tensor(float("-inf"))):
+        with pytest.raises(FloatingPointError, match=r"at epoch 4, step 7: lower the learning rate"):
+            check_finite(bad, 3, 7)
+
+
+def test_single_process_forms_and_cpu_precision():
+    run = Processes(device="cpu")
+    assert (run.device, run.main, run.world) == (torch.device("cpu"), True, 1)
+    m = nn.Linear(2, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    assert run.wrap(m, opt) == (m, opt, m)
+    x = torch.ones(3)
+    assert run.sum(x) is x and run.shard([1, 2]) == [1, 2]
+    run.barrier()
+    loss = m(torch.ones(1, 2)).sum(); run.backward(loss)
+    assert m.weight.grad is not None
+    for amp in (True, False):
+        with mixed_precision(torch.device("cpu"), amp), run.autocast(amp):
+            assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_progress_bar_disabled_yields_everything():
+    bar = progress_bar(range(5), "x", enabled=False)
+    assert list(bar) == list(range(5)) and len(bar) == 5
