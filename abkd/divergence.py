@@ -11,12 +11,11 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['NAMED_POINTS', 'REDUCTIONS', 'IMPLS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed',
-           'student_zero_allowed', 'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint',
-           'as_real', 'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'all_finite',
-           'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'triton_available',
-           'resolve_impl', 'per_row_function', 'core_rows', 'ab_divergence', 'ABDivergence', 'named_points_table',
-           'plot_ab_plane']
+__all__ = ['NAMED_POINTS', 'REDUCTIONS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed', 'student_zero_allowed',
+           'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'as_real',
+           'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'all_finite',
+           'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence',
+           'ab_divergence_reference', 'named_points_table', 'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
 def _psi_series_threshold(dtype: torch.dtype) -> float:
@@ -290,82 +289,24 @@ def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits
     if keep is not None: values = values.new_zeros(n).index_copy(0, keep, values)
     return reduce_values(values, reduction, n_kept, leading)
 
-IMPLS = ("auto", "triton", "chunked", "reference")
-
-def triton_available() -> bool:
-    "Can Triton kernels run here? (the triton package, and a CUDA device or TRITON_INTERPRET=1)."
-    import importlib.util, os
-    if importlib.util.find_spec("triton") is None: return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    "The implementation `impl` names for logits on `device`: 'auto' is Triton on CUDA when available, else chunked."
-    import importlib.util, os
-    if impl not in IMPLS: raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto": return "triton" if device.type == "cuda" and triton_available() else "chunked"
-    if impl == "triton":
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError("impl='triton' needs the triton package (pip install triton); impl='chunked' runs without it")
-        if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(f"impl='triton' needs CUDA logits, got logits on {device}: move them to a CUDA device, use "
-                             "impl='chunked', or set TRITON_INTERPRET=1 before importing abkd (CPU tests only, slow)")
-    return impl
-
-def per_row_function(impl: str, device: torch.device) -> Callable:
-    "`f(student [N, V], teacher [N, V], α, β, T) -> D_AB per row` of the implementation `impl` (see `resolve_impl`)."
-    impl = resolve_impl(impl, device)
-    if impl == "reference":
-        from abkd.gradients import ABDivergenceFunction   # the closed-form backward (next notebook)
-        return ABDivergenceFunction.apply
-    if impl == "chunked":
-        from abkd.kernels.torch_chunked import ab_divergence_chunked
-        return ab_divergence_chunked
-    from abkd.kernels.triton_kernels import ab_divergence_triton
-    return ab_divergence_triton
-
-def core_rows(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float,
-              temperature: float = 1.0) -> Tensor:
-    "D_AB per row of checked [N, V] logits by the implementation 'auto' picks: what every loss built on the core calls."
-    return per_row_function("auto", student_logits.device)(student_logits, teacher_logits, alpha, beta, temperature)
-
-def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
-                  temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",
-                  impl: str = "auto") -> Tensor:
-    """α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim.
-
-    `impl`: 'auto' (Triton on CUDA when available, else 'chunked'), 'triton', 'chunked', or 'reference' (the
-    closed-form core of this notebook and the next). All four give the same values and gradients."""
+def ab_divergence_reference(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
+                            temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """D_AB(p‖q) = Σ_k r_k²·e[x_k, y_k, z_k], p = softmax(teacher_logits/T), q = softmax(student_logits/T), with the
+    checks, mask and reductions of `abkd.ab_divergence`; differentiated by plain autograd (the yardstick)."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
-    device = student_logits.device if isinstance(student_logits, Tensor) else torch.device("cpu")
-    per_row = per_row_function(impl, device)                       # (type errors are reported by apply_divergence)
-    native = getattr(per_row, "takes_row_mask", False)            # the Triton kernel skips masked rows itself
-    return apply_divergence(lambda s, t, *m: per_row(s, t, alpha, beta, temperature, *m),
-                            student_logits, teacher_logits, mask=mask, reduction=reduction, native_mask=native,
+    return apply_divergence(lambda s, t: ab_divergence_rows(s, t, alpha, beta, temperature),
+                            student_logits, teacher_logits, mask=mask, reduction=reduction,
                             check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
 
-class ABDivergence(torch.nn.Module):
-    "`ab_divergence` as a module: `ABDivergence(alpha, beta)(student_logits, teacher_logits, mask=None)`."
-    def __init__(self, alpha: float, beta: float, temperature: float = 1.0, reduction: str = "mean",
-                 impl: str = "auto"):
-        super().__init__()
-        self.alpha, self.beta, self.temperature = check_hyperparameters(alpha, beta, temperature)
-        self.reduction = check_reduction(reduction)
-        if impl not in IMPLS: raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.impl = impl
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return ab_divergence(student_logits, teacher_logits, self.alpha, self.beta, temperature=self.temperature,
-                             mask=mask, reduction=self.reduction, impl=self.impl)
-    def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
-                f"impl={self.impl!r}")
 
 # %% ../nbs/00_divergence.ipynb #1c36545f
-def named_points_table(student_logits: Tensor, teacher_logits: Tensor) -> list[dict]:
-    "For each named point: ab_divergence (mean over positions) beside its closed form and their relative gap."
+def named_points_table(student_logits: Tensor, teacher_logits: Tensor,
+                       divergence: Callable[..., Tensor] = ab_divergence_reference) -> list[dict]:
+    "For each named point: `divergence` (mean over positions, float64) beside its closed form and their relative gap."
     p, q = teacher_logits.double().softmax(-1), student_logits.double().softmax(-1)
     rows = []
     for pt in NAMED_POINTS:
-        ours = ab_divergence(student_logits.double(), teacher_logits.double(), pt.alpha, pt.beta).item()
+        ours = divergence(student_logits.double(), teacher_logits.double(), pt.alpha, pt.beta).item()
         ref = pt.closed_form(p, q).mean().item()
         rows.append(dict(name=pt.name, alpha=pt.alpha, beta=pt.beta, formula=pt.formula, ab_divergence=ours,
                          closed_form=ref, rel_gap=abs(ours - ref) / abs(ref)))

@@ -4,22 +4,26 @@
 
 # %% ../nbs/07_losses.ipynb #4fb2c640
 from __future__ import annotations
-import math
-from dataclasses import dataclass
+import inspect, math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 import torch
 from torch import Tensor
-from .divergence import (as_real, ab_divergence, apply_divergence, check_hyperparameters, check_logit_values,
-                             check_reduction, compute_dtype, core_rows, log_probs)
+from .divergence import (as_real, apply_divergence, check_hyperparameters, check_logit_values, check_reduction,
+                             compute_dtype, log_probs)
+from .core import ab_divergence, core_rows
+from .mass_concentration import exact_log_mass_ratio
 
 # %% auto #0
-__all__ = ['VOCAB_POLICIES', 'REQUIRED', 'LOSSES', 'MODULE_PARAMS', 'check_temperature', 'check_interval', 'row_log_probs',
-           'kl_rows', 'log_mixture', 'fkl', 'rkl', 'ab', 'alpha_divergence', 'js', 'tvd', 'sfkl', 'srkl', 'wsd',
-           'akl_weights', 'akl', 'entropy_rows', 'bdkd', 'check_vocab_policy', 'match_vocab', 'LossSpec', 'available',
-           'DivergenceLoss', 'get_loss', 'one_step_reallocation', 'reallocation_table']
+__all__ = ['UNIT', 'OPEN_UNIT', 'SKEW', 'NON_NEGATIVE', 'VOCAB_POLICIES', 'REQUIRED', 'LOSSES', 'check_temperature',
+           'check_interval', 'interval', 'positive', 'row_log_probs', 'kl_rows', 'log_mixture', 'fkl', 'rkl', 'ab',
+           'alpha_divergence', 'js', 'tvd', 'skew_kl', 'sfkl', 'srkl', 'wsd', 'akl_weights', 'akl', 'entropy_rows',
+           'bdkd', 'check_vocab_policy', 'match_vocab', 'signature_defaults', 'apply_checks', 'LossSpec',
+           'LossRegistry', 'available', 'DivergenceLoss', 'get_loss', 'one_step_reallocation', 'reallocation_table']
 
 # %% ../nbs/07_losses.ipynb #b44e9f79
-def check_temperature(temperature) -> float:
+def check_temperature(temperature, name: str = "temperature") -> float:
     "T as a float: finite and > 0 (the core's check)."
     return check_hyperparameters(0.0, 0.0, temperature)[2]
 
@@ -30,6 +34,19 @@ def check_interval(value, name: str, lo: float, hi: float, lo_open: bool = False
     if not inside:
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v:g}")
     return v
+
+def interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[object, str], float]:
+    "The check(value, name) of `check_interval` with these ends."
+    return lambda value, name: check_interval(value, name, lo, hi, lo_open, hi_open)
+
+def positive(value, name: str) -> float:
+    "A finite real > 0 as a float, or an error naming it."
+    v = as_real(value, name)
+    if v <= 0: raise ValueError(f"{name} must be > 0, got {v:g}")
+    return v
+
+UNIT, OPEN_UNIT, SKEW = interval(0, 1), interval(0, 1, lo_open=True, hi_open=True), interval(0, 1, hi_open=True)
+NON_NEGATIVE = interval(0, math.inf)
 
 # %% ../nbs/07_losses.ipynb #1b06ec64
 def row_log_probs(student_rows: Tensor, teacher_rows: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -79,13 +96,10 @@ def _value_rule(name: str, teacher_zero_ok: bool, student_zero_ok: bool, teacher
                                            student_zero_ok=student_zero_ok, teacher_zero_hint=teacher_hint,
                                            student_zero_hint=student_hint)
 
-def _check_js(beta=0.5) -> dict:
-    return dict(beta=check_interval(beta, "beta", 0.0, 1.0, lo_open=True, hi_open=True))
-
 def js(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, *, temperature: float = 1.0,
        mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     "Generalized Jensen–Shannon β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (β weights the teacher; ½: symmetric)."
-    beta, T = _check_js(beta)["beta"], check_temperature(temperature)
+    beta, T = OPEN_UNIT(beta, "beta"), check_temperature(temperature)
     def per_row(s, t):
         lp, lq = row_log_probs(s, t, T)
         lm = log_mixture(lp, lq, beta)                             # log m, m = βp + (1−β)q
@@ -105,44 +119,39 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
                             check_values=_value_rule("TVD", True, True))
 
 # %% ../nbs/07_losses.ipynb #15b17b46
-def _check_skew(lam=0.1) -> dict:
-    return dict(lam=check_interval(lam, "lam", 0.0, 1.0, hi_open=True))
+def skew_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float, *, reverse: bool, temperature: float = 1.0,
+            mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    "KL(a ‖ λa + (1−λ)b) with (a, b) = (p, q), or (q, p) when `reverse`: DistiLLM's skew KL pair."
+    lam, T = SKEW(lam, "lam"), check_temperature(temperature)
+    def per_row(s, t):
+        lp, lq = row_log_probs(s, t, T)
+        a, b = (lq, lp) if reverse else (lp, lq)
+        return kl_rows(a, log_mixture(a, b, lam) if lam > 0 else b)       # KL(a ‖ λa + (1−λ)b)
+    name, limit = ("skew reverse KL", "reverse KL") if reverse else ("skew forward KL", "forward KL")
+    hint = f" (lam={lam}: {name} at lam=0 is {limit})"                   # at λ = 0: the −inf rule of KL(a‖b)
+    rule = (_value_rule(name, lam > 0, True, teacher_hint=hint) if reverse
+            else _value_rule(name, True, lam > 0, student_hint=hint))
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, check_values=rule)
 
 def sfkl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1, *, temperature: float = 1.0,
          mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     "Skew forward KL, KL(p ‖ λp + (1−λ)q) (DistiLLM)."
-    lam, T = _check_skew(lam)["lam"], check_temperature(temperature)
-    def per_row(s, t):
-        lp, lq = row_log_probs(s, t, T)
-        return kl_rows(lp, log_mixture(lp, lq, lam) if lam > 0 else lq)    # KL(p ‖ λp + (1−λ)q)
-    hint = f" (lam={lam}: skew forward KL at lam=0 is forward KL)"
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
-                            check_values=_value_rule("skew forward KL", True, lam > 0, student_hint=hint))
+    return skew_kl(student_logits, teacher_logits, lam, reverse=False, temperature=temperature, mask=mask,
+                   reduction=reduction)
 
 def srkl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1, *, temperature: float = 1.0,
          mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     "Skew reverse KL, KL(q ‖ λq + (1−λ)p) (DistiLLM)."
-    lam, T = _check_skew(lam)["lam"], check_temperature(temperature)
-    def per_row(s, t):
-        lp, lq = row_log_probs(s, t, T)
-        return kl_rows(lq, log_mixture(lq, lp, lam) if lam > 0 else lp)    # KL(q ‖ λq + (1−λ)p)
-    hint = f" (lam={lam}: skew reverse KL at lam=0 is reverse KL)"
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
-                            check_values=_value_rule("skew reverse KL", lam > 0, True, teacher_hint=hint))
+    return skew_kl(student_logits, teacher_logits, lam, reverse=True, temperature=temperature, mask=mask,
+                   reduction=reduction)
 
 # %% ../nbs/07_losses.ipynb #dcf3e0cb
-def _check_wsd(lam=0.5) -> dict:
-    return dict(lam=check_interval(lam, "lam", 0.0, 1.0))
-
 def wsd(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.5, *, temperature: float = 1.0,
         mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     "Weighted sum (1−λ)·KL(p‖q) + λ·KL(q‖p)."
-    lam, T = _check_wsd(lam)["lam"], check_temperature(temperature)
-    def per_row(s, t):
-        out = 0.
-        if lam < 1: out = out + (1 - lam) * core_rows(s, t, 1.0, 0.0, T)   # (1−λ)·KL(p‖q)
-        if lam > 0: out = out + lam * core_rows(s, t, 0.0, 1.0, T)         # λ·KL(q‖p)
-        return out
+    lam, T = UNIT(lam, "lam"), check_temperature(temperature)
+    terms = [(w, a, b) for w, a, b in ((1 - lam, 1.0, 0.0), (lam, 0.0, 1.0)) if w > 0]   # (1−λ)·KL(p‖q), λ·KL(q‖p)
+    def per_row(s, t): return sum(w * core_rows(s, t, a, b, T) for w, a, b in terms)   # a zero weight: no term
     return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
                             check_values=_value_rule("WSD", lam == 0, lam == 1,
                                                      teacher_hint=f" through its reverse-KL term (lam={lam})",
@@ -162,13 +171,10 @@ def akl_weights(log_p: Tensor, log_q: Tensor, mu: float = 0.5) -> tuple[Tensor, 
         w_head = torch.where(total > 0, g_head / torch.where(total > 0, total, 1.), 0.5)
         return w_head, 1 - w_head
 
-def _check_akl(mu=0.5) -> dict:
-    return dict(mu=check_interval(mu, "mu", 0.0, 1.0))
-
 def akl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5, *, temperature: float = 1.0,
         mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     "Adaptive KL: w_head·KL(p‖q) + w_tail·KL(q‖p), weights from the head/tail gaps at teacher mass μ (detached)."
-    mu, T = _check_akl(mu)["mu"], check_temperature(temperature)
+    mu, T = UNIT(mu, "mu"), check_temperature(temperature)
     def per_row(s, t):
         w_head, w_tail = akl_weights(*row_log_probs(s, t, T), mu)
         return (w_head * core_rows(s, t, 1.0, 0.0, T)       # head gap weights forward KL
@@ -182,15 +188,10 @@ def entropy_rows(log_prob: Tensor) -> Tensor:
     prob = log_prob.exp()
     return -torch.where(prob > 0, prob * log_prob, torch.zeros_like(prob)).sum(-1)
 
-def _check_bdkd(weight=3.0) -> dict:
-    w = as_real(weight, "weight")
-    if w <= 0: raise ValueError(f"weight must be > 0, got {w:g}")
-    return dict(weight=w)
-
 def bdkd(student_logits: Tensor, teacher_logits: Tensor, weight: float = 3.0, *, temperature: float = 1.0,
          mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     "Entropy-weighted bidirectional KL w_F·KL(p‖q) + w_R·KL(q‖p): `weight` on the side whose first argument has more entropy."
-    gamma, T = _check_bdkd(weight)["weight"], check_temperature(temperature)
+    gamma, T = positive(weight, "weight"), check_temperature(temperature)
     def per_row(s, t):
         with torch.no_grad():
             h_p, h_q = (entropy_rows(lx) for lx in row_log_probs(s, t, T))   # H(p), H(q)
@@ -248,87 +249,108 @@ def match_vocab(student_logits: Tensor, teacher_logits: Tensor, policy: str = "e
 # %% ../nbs/07_losses.ipynb #da4d88a5
 REQUIRED = object()   # marks a hyperparameter without a default
 
+def signature_defaults(fn: Callable, call_args: tuple) -> dict:
+    "Hyperparameter -> default (REQUIRED where there is none), read from `fn`'s signature: its parameters not in `call_args`."
+    return {p.name: REQUIRED if p.default is p.empty else p.default
+            for p in inspect.signature(fn).parameters.values() if p.name not in call_args}
+
+def apply_checks(checks: dict, **values) -> dict:
+    "Each value through its check(value, name) (a finite real where `checks` has none)."
+    return {name: checks.get(name, as_real)(value, name) for name, value in values.items()}
+
 @dataclass(frozen=True)
 class LossSpec:
-    "One entry of the zoo."
+    "One entry of a loss zoo (token-level or vision): the function, a check per hyperparameter, and what it is."
     name: str
-    fn: Callable                   # fn(student_logits, teacher_logits, **hyper, temperature=, mask=, reduction=)
-    check: Callable[..., dict]     # validates the hyperparameters, returns them as floats
-    defaults: dict                 # hyperparameter -> default (or REQUIRED)
+    fn: Callable                   # fn(student_logits, teacher_logits, [labels,] **hyper, <call arguments>)
     description: str               # one line
     formula: str
     source: str
-    neg_inf: str                   # one-sided −inf rule (teacher-only | student-only)
+    checks: dict = field(default_factory=dict)   # hyperparameter -> check(value, name); the others: a finite real
+    neg_inf: str = ""              # token zoo: one-sided −inf rule (teacher-only | student-only)
+    recipe: Optional[dict] = None  # vision zoo: ce_weight, kd_weight of the published CIFAR-100 recipe
 
-def _check_ab(alpha=REQUIRED, beta=REQUIRED) -> dict:
-    a, b, _ = check_hyperparameters(alpha, beta)
-    return dict(alpha=a, beta=b)
+    def takes(self, arg: str) -> bool:
+        "Does the function take `arg` (e.g. `epoch`)?"
+        return arg in inspect.signature(self.fn).parameters
 
-def _check_alpha(alpha=REQUIRED) -> dict:
-    return dict(alpha=as_real(alpha, "alpha"))
+class LossRegistry(Mapping):
+    "A loss zoo, name → LossSpec, with each loss's hyperparameter defaults read once from its function's signature."
+    def __init__(self, specs, *, kind: str, getter: str, call_args: tuple, module_params: tuple):
+        self.kind, self.getter, self.module_params = kind, getter, module_params   # kind: "loss", "vision loss"
+        self.specs = {s.name: s for s in specs}
+        self.defaults = {s.name: signature_defaults(s.fn, call_args) for s in specs}
+        for s in specs:
+            stray = set(s.checks) - set(self.defaults[s.name])
+            if stray: raise ValueError(f"{kind} {s.name!r} has checks for {sorted(stray)}, which it does not take")
+    def __getitem__(self, name: str) -> LossSpec: return self.specs[name]
+    def __iter__(self): return iter(self.specs)
+    def __len__(self) -> int: return len(self.specs)
 
-LOSSES = {s.name: s for s in (
-    LossSpec("fkl", fkl, lambda: {}, {}, "forward KL, KL(p‖q) = D_AB^(1,0)", "Σ p log(p/q)",
-             "Hinton et al. 2015; the core at (1, 0)", "finite | error"),
-    LossSpec("rkl", rkl, lambda: {}, {}, "reverse KL, KL(q‖p) = D_AB^(0,1)", "Σ q log(q/p)",
-             "MiniLLM (Gu et al. 2024); the core at (0, 1)", "error | finite"),
-    LossSpec("ab", ab, _check_ab, dict(alpha=REQUIRED, beta=REQUIRED), "α-β divergence D_AB^(α,β) (ABKD)",
-             "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))",
-             "Cichocki, Cruces & Amari 2011; Wang et al. ICML 2025", "finite iff α>0, σ>0 | finite iff β>0, σ>0"),
-    LossSpec("alpha", alpha_divergence, _check_alpha, dict(alpha=REQUIRED), "Amari α-divergence = D_AB^(α,1−α)",
-             "(1 − Σ p^α q^(1−α)) / (α(1−α))", "Amari 1985", "finite iff α>0 | finite iff α<1"),
-    LossSpec("js", js, _check_js, dict(beta=0.5), "generalized Jensen–Shannon, mixture weight β on the teacher",
-             "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q",
-             "GKD (Agarwal et al. 2024); DistiLLM js_distance (λ = 1−β)", "finite | finite"),
-    LossSpec("tvd", tvd, lambda: {}, {}, "total variation distance", "½ Σ |p − q|",
-             "Wen et al. 2023; DistiLLM tv_distance", "finite | finite"),
-    LossSpec("sfkl", sfkl, _check_skew, dict(lam=0.1), "skew forward KL (DistiLLM)", "KL(p ‖ λp + (1−λ)q)",
-             "DistiLLM (Ko et al. 2024)", "finite | finite iff λ>0"),
-    LossSpec("srkl", srkl, _check_skew, dict(lam=0.1), "skew reverse KL (DistiLLM)", "KL(q ‖ λq + (1−λ)p)",
-             "DistiLLM (Ko et al. 2024)", "finite iff λ>0 | finite"),
-    LossSpec("akl", akl, _check_akl, dict(mu=0.5), "adaptive KL: head/tail-gap weighted FKL + RKL",
+    def available(self) -> dict[str, str]:
+        "The names with one-line descriptions."
+        return {name: spec.description for name, spec in self.specs.items()}
+
+    def spec(self, name: str) -> LossSpec:
+        "The entry `name`, or an error listing the available ones."
+        if name not in self.specs:
+            listing = "; ".join(f"{n} ({d})" for n, d in self.available().items())
+            raise ValueError(f"unknown {self.kind} {name!r}; available: {listing}")
+        return self.specs[name]
+
+    def hyperparameters(self, name: str, params: dict) -> dict:
+        "The checked hyperparameters of `name`: `params` over the signature's defaults; unknown or missing ones are errors."
+        spec, defaults = self.spec(name), self.defaults[name]
+        unknown = [k for k in params if k not in defaults]
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {self.kind} {name!r}; valid: "
+                             f"{', '.join(defaults) or 'none'} (hyperparameters), {', '.join(self.module_params)}")
+        hyper = {k: params.get(k, d) for k, d in defaults.items()}
+        missing = [k for k, v in hyper.items() if v is REQUIRED]
+        if missing: raise ValueError(f"{self.kind} {name!r} needs {', '.join(missing)} (no default), e.g. "
+                                     f"{self.getter}({name!r}, {', '.join(f'{k}=...' for k in missing)})")
+        return apply_checks(spec.checks, **hyper)
+
+LOSSES = LossRegistry((
+    LossSpec("fkl", fkl, "forward KL, KL(p‖q) = D_AB^(1,0)", "Σ p log(p/q)", "Hinton et al. 2015; the core at (1, 0)",
+             neg_inf="finite | error"),
+    LossSpec("rkl", rkl, "reverse KL, KL(q‖p) = D_AB^(0,1)", "Σ q log(q/p)",
+             "MiniLLM (Gu et al. 2024); the core at (0, 1)", neg_inf="error | finite"),
+    LossSpec("ab", ab, "α-β divergence D_AB^(α,β) (ABKD)", "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))",
+             "Cichocki, Cruces & Amari 2011; Wang et al. ICML 2025", neg_inf="finite iff α>0, σ>0 | finite iff β>0, σ>0"),
+    LossSpec("alpha", alpha_divergence, "Amari α-divergence = D_AB^(α,1−α)", "(1 − Σ p^α q^(1−α)) / (α(1−α))",
+             "Amari 1985", neg_inf="finite iff α>0 | finite iff α<1"),
+    LossSpec("js", js, "generalized Jensen–Shannon, mixture weight β on the teacher",
+             "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", "GKD (Agarwal et al. 2024); DistiLLM js_distance (λ = 1−β)",
+             checks=dict(beta=OPEN_UNIT), neg_inf="finite | finite"),
+    LossSpec("tvd", tvd, "total variation distance", "½ Σ |p − q|", "Wen et al. 2023; DistiLLM tv_distance",
+             neg_inf="finite | finite"),
+    LossSpec("sfkl", sfkl, "skew forward KL (DistiLLM)", "KL(p ‖ λp + (1−λ)q)", "DistiLLM (Ko et al. 2024)",
+             checks=dict(lam=SKEW), neg_inf="finite | finite iff λ>0"),
+    LossSpec("srkl", srkl, "skew reverse KL (DistiLLM)", "KL(q ‖ λq + (1−λ)p)", "DistiLLM (Ko et al. 2024)",
+             checks=dict(lam=SKEW), neg_inf="finite iff λ>0 | finite"),
+    LossSpec("akl", akl, "adaptive KL: head/tail-gap weighted FKL + RKL",
              "g_head/(g_head+g_tail) KL(p‖q) + g_tail/(g_head+g_tail) KL(q‖p)",
-             "Wu et al. COLING 2025 (wutaiqiang/LLM_KD_AKL)", "error | error"),
-    LossSpec("wsd", wsd, _check_wsd, dict(lam=0.5), "weighted sum of forward and reverse KL",
-             "(1−λ) KL(p‖q) + λ KL(q‖p)", "ABKD LLM code `wsd`; DistiLLM symmetric_kl",
-             "finite iff λ=0 | finite iff λ=1"),
-    LossSpec("bdkd", bdkd, _check_bdkd, dict(weight=3.0), "entropy-weighted bidirectional KL",
+             "Wu et al. COLING 2025 (wutaiqiang/LLM_KD_AKL)", checks=dict(mu=UNIT), neg_inf="error | error"),
+    LossSpec("wsd", wsd, "weighted sum of forward and reverse KL", "(1−λ) KL(p‖q) + λ KL(q‖p)",
+             "ABKD LLM code `wsd`; DistiLLM symmetric_kl", checks=dict(lam=UNIT), neg_inf="finite iff λ=0 | finite iff λ=1"),
+    LossSpec("bdkd", bdkd, "entropy-weighted bidirectional KL",
              "w_F KL(p‖q) + w_R KL(q‖p), weight γ on the direction whose first argument has the larger entropy",
-             "ABKD LLM code `bdkd` (no paper found)", "error | error"),
-)}
-
-MODULE_PARAMS = ("temperature", "reduction", "vocab_policy", "vocab_tolerance")
+             "ABKD LLM code `bdkd` (no paper found)", checks=dict(weight=positive), neg_inf="error | error"),
+), kind="loss", getter="get_loss", call_args=("student_logits", "teacher_logits", "temperature", "mask", "reduction"),
+   module_params=("temperature", "reduction", "vocab_policy", "vocab_tolerance"))
 
 def available() -> dict[str, str]:
     "The loss names with one-line descriptions."
-    return {name: spec.description for name, spec in LOSSES.items()}
-
-def _spec(name) -> LossSpec:
-    if name not in LOSSES:
-        listing = "; ".join(f"{n} ({d})" for n, d in available().items())
-        raise ValueError(f"unknown loss {name!r}; available: {listing}")
-    return LOSSES[name]
-
-def _split_params(spec: LossSpec, params: dict, module_params: tuple) -> dict:
-    "Check the parameter names against the loss's hyperparameters and the module's; return the hyperparameters."
-    valid = (*spec.defaults, *module_params)
-    unknown = [k for k in params if k not in valid]
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for loss {spec.name!r}; valid: "
-                         f"{', '.join(spec.defaults) or 'none'} (hyperparameters), {', '.join(module_params)}")
-    hyper = {k: params.get(k, d) for k, d in spec.defaults.items()}
-    missing = [k for k, v in hyper.items() if v is REQUIRED]
-    if missing: raise ValueError(f"loss {spec.name!r} needs {', '.join(missing)} (no default), e.g. "
-                                 f"get_loss({spec.name!r}, {', '.join(f'{k}=...' for k in missing)})")
-    return spec.check(**hyper)
+    return LOSSES.available()
 
 class DivergenceLoss(torch.nn.Module):
     "A zoo loss as a module: `DivergenceLoss(name, **hyper)(student_logits, teacher_logits, mask=None)`."
     def __init__(self, name: str, *, temperature: float = 1.0, reduction: str = "mean", vocab_policy: str = "error",
                  vocab_tolerance: float = 1e-3, **hyper):
         super().__init__()
-        self.spec = _spec(name)
-        self.hyper = _split_params(self.spec, hyper, MODULE_PARAMS)
+        self.spec = LOSSES.spec(name)
+        self.hyper = LOSSES.hyperparameters(name, hyper)
         self.temperature, self.reduction = check_temperature(temperature), check_reduction(reduction)
         self.vocab_policy = check_vocab_policy(vocab_policy)
         self.vocab_tolerance = check_interval(vocab_tolerance, "vocab_tolerance", 0.0, 1.0)
@@ -355,13 +377,13 @@ def get_loss(name: str, **params) -> DivergenceLoss:
 # %% ../nbs/07_losses.ipynb #339945ce
 def one_step_reallocation(loss_fn: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor,
                           step: float = 1e-4) -> tuple[Tensor, Tensor]:
-    "(Δq, Δlog q) per class per unit step: one steepest-descent step of length `step` on the student logits (float64)."
+    """(Δq, Δlog q) per class per unit step: one steepest-descent step of length `step` on the student logits (float64),
+    through `exact_log_mass_ratio` with the unit direction ∇L/‖∇L‖ as the gradient and `step` as the learning rate."""
     s = student_logits.detach().double().requires_grad_()
     grad, = torch.autograd.grad(loss_fn(s, teacher_logits.detach().double()), s)
-    direction = -grad / grad.norm(dim=-1, keepdim=True)              # unit steepest-descent direction
     with torch.no_grad():
-        q0, q1 = s.softmax(-1), (s + step * direction).softmax(-1)
-        return (q1 - q0) / step, (q1.log() - q0.log()) / step
+        log_ratio = exact_log_mass_ratio(s, grad / grad.norm(dim=-1, keepdim=True), step)   # log q_{t+1}/q_t
+        return s.softmax(-1) * torch.expm1(log_ratio) / step, log_ratio / step
 
 def reallocation_table(losses: dict, student_logits: Tensor, teacher_logits: Tensor, groups: dict):
     "Per loss (rows): mass moved into each class group per unit step, and the mean Δlog q over each group (batch-averaged)."

@@ -4,19 +4,18 @@
 
 # %% ../nbs/08_vision_losses.ipynb #c0d9c73c
 from __future__ import annotations
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .divergence import (as_real, reduce_values, ab_divergence, check_hyperparameters, check_reduction, compute_dtype,
-                             log_probs)
-from .losses import REQUIRED, check_interval, check_temperature
+from .divergence import as_real, check_hyperparameters, check_reduction, compute_dtype, log_probs, reduce_values
+from .core import ab_divergence
+from .losses import LossRegistry, LossSpec, NON_NEGATIVE, apply_checks, check_temperature, positive
 
 # %% auto #0
-__all__ = ['VISION_LOSSES', 'VISION_MODULE_PARAMS', 'check_class_logits', 'check_labels', 'kd_term', 'kd_loss', 'abkd_loss',
-           'warmup_factor', 'dkd_parts', 'dkd_loss', 'abdkd_loss', 'zscore', 'lsd_loss', 'ablsd_loss',
-           'power_transform_logits', 'ttm_loss', 'abttm_loss', 'wttm_loss', 'VisionLossSpec', 'available', 'VisionLoss',
+__all__ = ['DKD_CHECKS', 'TEMPERATURE', 'VISION_LOSSES', 'check_class_logits', 'check_labels', 'kd_term', 'kd_loss', 'abkd_loss',
+           'warmup_factor', 'dkd_parts', 'flag', 'dkd_loss', 'abdkd_loss', 'zscore', 'lsd_loss', 'ablsd_loss',
+           'power_transform_logits', 'ttm_loss', 'abttm_loss', 'wttm_loss', 'available', 'VisionLoss',
            'get_vision_loss']
 
 # %% ../nbs/08_vision_losses.ipynb #6b81c91e
@@ -92,16 +91,18 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, al
                    reduction)
     return tckd, nckd
 
-def _check_dkd(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, warmup=20.0) -> dict:
-    return dict(tckd_weight=check_interval(tckd_weight, "tckd_weight", 0, float("inf")),
-                nckd_weight=check_interval(nckd_weight, "nckd_weight", 0, float("inf")),
-                temperature=check_temperature(temperature), warmup=check_interval(warmup, "warmup", 0, float("inf")))
+def flag(value, name: str) -> bool:
+    "True or False, or an error naming it."
+    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+DKD_CHECKS = dict(tckd_weight=NON_NEGATIVE, nckd_weight=NON_NEGATIVE, temperature=check_temperature, warmup=NON_NEGATIVE)
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, tckd_weight: float = 1.0,
              nckd_weight: float = 8.0, temperature: float = 4.0, epoch: Optional[float] = None, warmup: float = 20.0,
              reduction: str = "mean") -> Tensor:
     "DKD: min(epoch/warmup, 1)·(a·TCKD + b·NCKD) with KL (mdistiller CIFAR-100 defaults a=1, b=8, T=4, warmup 20)."
-    c = _check_dkd(tckd_weight, nckd_weight, temperature, warmup)
+    c = apply_checks(DKD_CHECKS, tckd_weight=tckd_weight, nckd_weight=nckd_weight, temperature=temperature, warmup=warmup)
     tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, 1.0, 0.0, c["temperature"], reduction=reduction)
     return warmup_factor(epoch, c["warmup"]) * (c["tckd_weight"] * tckd + c["nckd_weight"] * nckd)
 
@@ -109,9 +110,9 @@ def abdkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *
                tckd_weight: float = 1.0, nckd_weight: float = 8.0, temperature: float = 4.0, epoch: Optional[float] = None,
                warmup: float = 20.0, ab_tckd: bool = True, reduction: str = "mean") -> Tensor:
     "ABDKD: DKD with D_AB^(α,β) in NCKD and (ab_tckd=True, the paper) in TCKD."
-    c = _check_dkd(tckd_weight, nckd_weight, temperature, warmup)
+    c = apply_checks(DKD_CHECKS, tckd_weight=tckd_weight, nckd_weight=nckd_weight, temperature=temperature, warmup=warmup)
     alpha, beta, _ = check_hyperparameters(alpha, beta)
-    if not isinstance(ab_tckd, bool): raise TypeError(f"ab_tckd must be True or False, got {ab_tckd!r}")
+    ab_tckd = flag(ab_tckd, "ab_tckd")
     tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, alpha, beta, c["temperature"], ab_tckd, reduction)
     return warmup_factor(epoch, c["warmup"]) * (c["tckd_weight"] * tckd + c["nckd_weight"] * nckd)
 
@@ -139,16 +140,11 @@ def power_transform_logits(teacher_logits: Tensor, gamma: float) -> Tensor:
     "Logits γ·log p of the power-transformed teacher p^γ/Σ p^γ (p = softmax(teacher_logits))."
     return gamma * log_probs(teacher_logits, 1.0, compute_dtype(teacher_logits))
 
-def _check_gamma(gamma) -> float:
-    g = as_real(gamma, "gamma")
-    if g <= 0: raise ValueError(f"gamma must be > 0, got {g:g}")
-    return g
-
 def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, gamma: float = 0.1,
              reduction: str = "mean") -> Tensor:
     "TTM: KL(p^γ/Σp^γ ‖ softmax(s)) (student at temperature 1, no T²; labels unused)."
     check_class_logits(student_logits, teacher_logits)
-    return ab_divergence(student_logits, power_transform_logits(teacher_logits, _check_gamma(gamma)), 1.0, 0.0,
+    return ab_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), 1.0, 0.0,
                          reduction=reduction)
 
 def abttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, alpha: float,
@@ -156,7 +152,7 @@ def abttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[
     "ABTTM: D_AB^(α,β)(p^γ/Σp^γ ‖ softmax(s)) (labels unused)."
     check_class_logits(student_logits, teacher_logits)
     alpha, beta, _ = check_hyperparameters(alpha, beta)
-    return ab_divergence(student_logits, power_transform_logits(teacher_logits, _check_gamma(gamma)), alpha, beta,
+    return ab_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), alpha, beta,
                          reduction=reduction)
 
 def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, gamma: float = 0.2,
@@ -164,104 +160,60 @@ def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[T
     "WTTM: (Σ_k p_k^γ)·KL(p^γ/Σp^γ ‖ softmax(s)) per sample (labels unused)."
     check_class_logits(student_logits, teacher_logits)
     reduction = check_reduction(reduction)
-    teacher = power_transform_logits(teacher_logits, _check_gamma(gamma))     # γ log p
+    teacher = power_transform_logits(teacher_logits, positive(gamma, "gamma"))     # γ log p
     weight = teacher.logsumexp(-1).exp()                                      # Σ_k p_k^γ
     per_sample = weight * ab_divergence(student_logits, teacher, 1.0, 0.0, reduction="none")
     return reduce_values(per_sample, reduction, per_sample.shape[0], tuple(per_sample.shape))
 
 # %% ../nbs/08_vision_losses.ipynb #ab1907a7
-@dataclass(frozen=True)
-class VisionLossSpec:
-    "One vision loss: the function, its hyperparameters, and the published recipe weights."
-    name: str
-    fn: Callable
-    check: Callable[..., dict]
-    defaults: dict
-    recipe: dict          # ce_weight, kd_weight of the published CIFAR-100 recipe
-    description: str
-    formula: str
-    source: str
-    uses_epoch: bool = False
-
-def _check_kd(temperature=4.0) -> dict: return dict(temperature=check_temperature(temperature))
-def _check_abkd(alpha=REQUIRED, beta=REQUIRED, temperature=4.0) -> dict:
-    return dict(zip(("alpha", "beta", "temperature"), check_hyperparameters(alpha, beta, temperature)))
-def _check_lsd(temperature=2.0) -> dict: return dict(temperature=check_temperature(temperature))
-def _check_ablsd(alpha=REQUIRED, beta=REQUIRED, temperature=2.0) -> dict: return _check_abkd(alpha, beta, temperature)
-def _check_abdkd(alpha=REQUIRED, beta=REQUIRED, tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, warmup=20.0,
-                 ab_tckd=True) -> dict:
-    if not isinstance(ab_tckd, bool): raise TypeError(f"ab_tckd must be True or False, got {ab_tckd!r}")
-    a, b, _ = check_hyperparameters(alpha, beta)
-    return dict(alpha=a, beta=b, **_check_dkd(tckd_weight, nckd_weight, temperature, warmup), ab_tckd=ab_tckd)
-def _check_ttm(gamma=0.1) -> dict: return dict(gamma=_check_gamma(gamma))
-def _check_wttm(gamma=0.2) -> dict: return dict(gamma=_check_gamma(gamma))
-def _check_abttm(alpha=REQUIRED, beta=REQUIRED, gamma=0.1) -> dict:
-    a, b, _ = check_hyperparameters(alpha, beta)
-    return dict(alpha=a, beta=b, gamma=_check_gamma(gamma))
-
-_AB = dict(alpha=REQUIRED, beta=REQUIRED)
-VISION_LOSSES = {s.name: s for s in (
-    VisionLossSpec("kd", kd_loss, _check_kd, dict(temperature=4.0), dict(ce_weight=0.1, kd_weight=0.9),
-                   "Hinton KD", "T² KL(p^T ‖ q^T)", "Hinton et al. 2015; mdistiller CIFAR-100 KD config"),
-    VisionLossSpec("abkd", abkd_loss, _check_abkd, dict(_AB, temperature=4.0), dict(ce_weight=1.0, kd_weight=4.0),
-                   "KD with the α-β divergence", "T² D_AB^(α,β)(p^T ‖ q^T)",
-                   "Wang et al. ICML 2025 (official example weight 64 without T², i.e. 64/16 here)"),
-    VisionLossSpec("dkd", dkd_loss, _check_dkd, dict(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, warmup=20.0),
-                   dict(ce_weight=1.0, kd_weight=1.0), "decoupled KD (target / non-target)",
-                   "min(epoch/warmup, 1)·(a·T² KL(b^p‖b^q) + b·T² KL(p̂‖q̂))", "Zhao et al. CVPR 2022; mdistiller",
-                   True),
-    VisionLossSpec("abdkd", abdkd_loss, _check_abdkd,
-                   dict(_AB, tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, warmup=20.0, ab_tckd=True),
-                   dict(ce_weight=1.0, kd_weight=1.0), "DKD with the α-β divergence in both terms",
-                   "min(epoch/warmup, 1)·(a·T² D_AB(b^p‖b^q) + b·T² D_AB(p̂‖q̂))", "Wang et al. ICML 2025", True),
-    VisionLossSpec("lsd", lsd_loss, _check_lsd, dict(temperature=2.0), dict(ce_weight=0.1, kd_weight=9.0),
-                   "KD on z-score standardized logits", "T² KL(softmax(Z(t)/T) ‖ softmax(Z(s)/T))",
-                   "Sun et al. CVPR 2024 (base temperature 2, KD weight 9)"),
-    VisionLossSpec("ablsd", ablsd_loss, _check_ablsd, dict(_AB, temperature=2.0), dict(ce_weight=0.1, kd_weight=9.0),
-                   "logit standardization with the α-β divergence", "T² D_AB(softmax(Z(t)/T) ‖ softmax(Z(s)/T))",
-                   "Wang et al. ICML 2025"),
-    VisionLossSpec("ttm", ttm_loss, _check_ttm, dict(gamma=0.1), dict(ce_weight=1.0, kd_weight=45.0),
-                   "transformed teacher matching", "KL(p^γ/Σp^γ ‖ softmax(s))", "Zheng & Yang ICLR 2024 (zkxufo/TTM)"),
-    VisionLossSpec("abttm", abttm_loss, _check_abttm, dict(_AB, gamma=0.1), dict(ce_weight=1.0, kd_weight=45.0),
-                   "TTM with the α-β divergence", "D_AB(p^γ/Σp^γ ‖ softmax(s))", "Wang et al. ICML 2025"),
-    VisionLossSpec("wttm", wttm_loss, _check_wttm, dict(gamma=0.2), dict(ce_weight=1.0, kd_weight=4.0),
-                   "weighted TTM (power-sum sample weights)", "(Σ p^γ)·KL(p^γ/Σp^γ ‖ softmax(s))",
-                   "Zheng & Yang ICLR 2024 (zkxufo/TTM)"),
-)}
-
-VISION_MODULE_PARAMS = ("reduction", "ce_weight", "kd_weight")
+TEMPERATURE = dict(temperature=check_temperature)       # α, β: any finite reals (the default check)
+VISION_LOSSES = LossRegistry((
+    LossSpec("kd", kd_loss, "Hinton KD", "T² KL(p^T ‖ q^T)", "Hinton et al. 2015; mdistiller CIFAR-100 KD config",
+             checks=TEMPERATURE, recipe=dict(ce_weight=0.1, kd_weight=0.9)),
+    LossSpec("abkd", abkd_loss, "KD with the α-β divergence", "T² D_AB^(α,β)(p^T ‖ q^T)",
+             "Wang et al. ICML 2025 (official example weight 64 without T², i.e. 64/16 here)", checks=TEMPERATURE,
+             recipe=dict(ce_weight=1.0, kd_weight=4.0)),
+    LossSpec("dkd", dkd_loss, "decoupled KD (target / non-target)",
+             "min(epoch/warmup, 1)·(a·T² KL(b^p‖b^q) + b·T² KL(p̂‖q̂))", "Zhao et al. CVPR 2022; mdistiller",
+             checks=DKD_CHECKS, recipe=dict(ce_weight=1.0, kd_weight=1.0)),
+    LossSpec("abdkd", abdkd_loss, "DKD with the α-β divergence in both terms",
+             "min(epoch/warmup, 1)·(a·T² D_AB(b^p‖b^q) + b·T² D_AB(p̂‖q̂))", "Wang et al. ICML 2025",
+             checks=dict(DKD_CHECKS, ab_tckd=flag), recipe=dict(ce_weight=1.0, kd_weight=1.0)),
+    LossSpec("lsd", lsd_loss, "KD on z-score standardized logits", "T² KL(softmax(Z(t)/T) ‖ softmax(Z(s)/T))",
+             "Sun et al. CVPR 2024 (base temperature 2, KD weight 9)", checks=TEMPERATURE,
+             recipe=dict(ce_weight=0.1, kd_weight=9.0)),
+    LossSpec("ablsd", ablsd_loss, "logit standardization with the α-β divergence",
+             "T² D_AB(softmax(Z(t)/T) ‖ softmax(Z(s)/T))", "Wang et al. ICML 2025", checks=TEMPERATURE,
+             recipe=dict(ce_weight=0.1, kd_weight=9.0)),
+    LossSpec("ttm", ttm_loss, "transformed teacher matching", "KL(p^γ/Σp^γ ‖ softmax(s))",
+             "Zheng & Yang ICLR 2024 (zkxufo/TTM)", checks=dict(gamma=positive), recipe=dict(ce_weight=1.0, kd_weight=45.0)),
+    LossSpec("abttm", abttm_loss, "TTM with the α-β divergence", "D_AB(p^γ/Σp^γ ‖ softmax(s))", "Wang et al. ICML 2025",
+             checks=dict(gamma=positive), recipe=dict(ce_weight=1.0, kd_weight=45.0)),
+    LossSpec("wttm", wttm_loss, "weighted TTM (power-sum sample weights)", "(Σ p^γ)·KL(p^γ/Σp^γ ‖ softmax(s))",
+             "Zheng & Yang ICLR 2024 (zkxufo/TTM)", checks=dict(gamma=positive), recipe=dict(ce_weight=1.0, kd_weight=4.0)),
+), kind="vision loss", getter="get_vision_loss",
+   call_args=("student_logits", "teacher_logits", "labels", "epoch", "reduction"),
+   module_params=("reduction", "ce_weight", "kd_weight"))
 
 def available() -> dict[str, str]:
     "The vision loss names with one-line descriptions."
-    return {name: spec.description for name, spec in VISION_LOSSES.items()}
+    return VISION_LOSSES.available()
 
 class VisionLoss(torch.nn.Module):
     "A vision loss as a module: `loss(student_logits, teacher_logits, labels, epoch=None)`; `total` adds the weighted CE."
     def __init__(self, name: str, *, reduction: str = "mean", ce_weight: Optional[float] = None,
                  kd_weight: Optional[float] = None, **hyper):
         super().__init__()
-        if name not in VISION_LOSSES:
-            raise ValueError(f"unknown vision loss {name!r}; available: "
-                             + "; ".join(f"{n} ({d})" for n, d in available().items()))
-        self.spec = spec = VISION_LOSSES[name]
-        valid = (*spec.defaults, *VISION_MODULE_PARAMS)
-        unknown = [k for k in hyper if k not in spec.defaults]
-        if unknown: raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for vision loss {name!r}; "
-                                     f"valid: {', '.join(valid)}")
-        params = {k: hyper.get(k, d) for k, d in spec.defaults.items()}
-        missing = [k for k, v in params.items() if v is REQUIRED]
-        if missing: raise ValueError(f"vision loss {name!r} needs {', '.join(missing)} (no published default), e.g. "
-                                     f"get_vision_loss({name!r}, {', '.join(f'{k}=...' for k in missing)})")
-        self.hyper = spec.check(**params)
+        self.spec = spec = VISION_LOSSES.spec(name)
+        self.hyper = VISION_LOSSES.hyperparameters(name, hyper)
         self.reduction = check_reduction(reduction)
         ce_weight = spec.recipe["ce_weight"] if ce_weight is None else ce_weight
         kd_weight = spec.recipe["kd_weight"] if kd_weight is None else kd_weight
-        self.ce_weight = check_interval(ce_weight, "ce_weight", 0, float("inf"))
-        self.kd_weight = check_interval(kd_weight, "kd_weight", 0, float("inf"))
+        self.ce_weight, self.kd_weight = NON_NEGATIVE(ce_weight, "ce_weight"), NON_NEGATIVE(kd_weight, "kd_weight")
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
                 epoch: Optional[float] = None) -> Tensor:
-        extra = dict(epoch=epoch) if self.spec.uses_epoch else {}
+        extra = dict(epoch=epoch) if self.spec.takes("epoch") else {}
         return self.spec.fn(student_logits, teacher_logits, labels, **self.hyper, **extra, reduction=self.reduction)
 
     def total(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,

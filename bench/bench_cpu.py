@@ -6,9 +6,9 @@ Run from the repository root:
     python bench/bench_cpu.py --quick    # N=64, V=5000, 2 repeats (10-30 s; used by the smoke test)
 
 Each implementation runs in its own fresh Python process (this script re-invoked with --child). That process
-builds the seeded logits, resets the resident-memory high-water mark with `abkd.gradients._reset_high_water`,
-runs one forward+backward (the warm-up) and reports the extra peak resident memory read with
-`abkd.gradients._resident_high_water_kib` — the same measurement as `abkd.gradients.peak_memory_mib` — then
+builds the seeded logits, resets the resident-memory high-water mark with `memory.reset_high_water`
+(bench/memory.py), runs one forward+backward (the warm-up) and reports the extra peak resident memory read with
+`memory.resident_high_water_kib` — the same measurement as `memory.peak_memory_mib` — then
 times --repeats further forward+backward passes with `time.perf_counter`. The parent only collects, prints
 and saves (through `abkd.results.save_record`), so no implementation's allocations or threads disturb another's.
 See bench/README.md for the meaning of every column.
@@ -76,7 +76,7 @@ def make_logits(n: int, v: int, seed: int):
 # --------------------------------------------------------------------------------------------------- child side
 def run_child(args) -> dict:
     "Measure one implementation in this (fresh) process; return a JSON-able dict."
-    from abkd.gradients import _reset_high_water, _resident_high_water_kib
+    from memory import reset_high_water, resident_high_water_kib
     torch.set_num_threads(args.threads)
     impl, a, b = args.child, args.alpha, args.beta
     rows_fn, loss_fn = _impl_fns(impl)
@@ -95,8 +95,8 @@ def run_child(args) -> dict:
         return {**out, "error": str(e)}
 
     # 1. warm-up = the peak-memory run: one forward + backward from a reset high-water mark
-    _reset_high_water()
-    before_kib = _resident_high_water_kib()
+    reset_high_water()
+    before_kib = resident_high_water_kib()
     t0 = time.perf_counter()
     try:
         rows = rows_fn(s, t, a, b)
@@ -104,7 +104,7 @@ def run_child(args) -> dict:
         return {**out, "error": str(e)}
     rows.sum().backward()
     out["warmup_ms"] = (time.perf_counter() - t0) * 1e3
-    out["peak_extra_mib"] = (_resident_high_water_kib() - before_kib) / 1024
+    out["peak_extra_mib"] = (resident_high_water_kib() - before_kib) / 1024
     rows, grad = rows.detach(), s.grad
     s.grad = None
 

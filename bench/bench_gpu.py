@@ -14,7 +14,8 @@ Sections (alpha=0.2, beta=0.7, bf16 logits, forward + backward, CUDA-event times
    formulation, plain autograd through the log-space formula, torch.compile of that formula and F.cross_entropy
    (student logits against the teacher's argmax, a speed reference), plus a Triton-vs-chunked check;
 3. fused linear at (N, H_student, H_teacher, V) = (8192, 768, 1600, 50257) and (4096, 4096, 4096, 151936):
-   `abkd.kernels.fused_linear.ab_divergence_from_hidden` against materialized logits followed by the Triton
+   `abkd.ab_divergence_from_hidden` (the fused-linear kernel of `abkd.kernels.fused_linear` behind the front) against
+   materialized logits followed by the Triton
    kernel or by the compiled log-space formula, and Liger-Kernel's fused-linear JSD when it is installed.
 
 Every implementation is wrapped: an out-of-memory error or a missing package prints "failed: reason" in its
@@ -361,9 +362,9 @@ def fused_impls(from_hidden, dev: Device, compile_ok: bool) -> dict:
 
 def section_fused(shapes, dev: Device, args) -> dict | str:
     try:
-        from abkd.kernels.fused_linear import ab_divergence_from_hidden
+        from abkd.core import ab_divergence_from_hidden
     except Exception as e:
-        note = (f"{FUSED_SKIP_NOTE}: abkd.kernels.fused_linear.ab_divergence_from_hidden is not importable "
+        note = (f"{FUSED_SKIP_NOTE}: abkd.core.ab_divergence_from_hidden is not importable "
                 f"({_reason(e)})")
         print(f"\n{note}", flush=True)
         return note

@@ -5,14 +5,13 @@
 # %% ../../nbs/05_fused_linear.ipynb #c631026a
 from __future__ import annotations
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
-from ..divergence import (check_ab_logit_values, check_hyperparameters, check_reduction, compute_dtype,
-                             per_row_function)
+from ..divergence import check_ab_logit_values, check_hyperparameters, check_reduction, compute_dtype
 
 # %% auto #0
-__all__ = ['default_chunk_tokens', 'FusedLinearABDivergence', 'ab_divergence_from_hidden', 'fused_vs_materialized']
+__all__ = ['default_chunk_tokens', 'FusedLinearABDivergence', 'fused_linear_divergence']
 
 # %% ../../nbs/05_fused_linear.ipynb #bbcee8d5
 def _flat(x: Tensor, name: str, width_name: str) -> Tensor:
@@ -67,8 +66,7 @@ class FusedLinearABDivergence(torch.autograd.Function):
     "scale·Σ_kept-rows D_AB(softmax(t/T) ‖ softmax(h W_sᵀ/T)), token chunk by token chunk; gradients kept from forward."
     @staticmethod
     def forward(ctx, hidden, weight, t_logits, t_hidden, t_weight, alpha, beta, temperature, keep, scale,
-                chunk_tokens, impl):
-        per_row = per_row_function(impl, hidden.device)
+                chunk_tokens, rows_fn):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64,
@@ -84,13 +82,13 @@ class FusedLinearABDivergence(torch.autograd.Function):
             if need_h or need_w:
                 with torch.enable_grad():
                     s_c.requires_grad_()
-                    values = per_row(s_c, t_c, alpha, beta, temperature)
+                    values = rows_fn(s_c, t_c, alpha, beta, temperature)
                     g_c, = torch.autograd.grad(values.sum() * scale, s_c)
                 if need_h: grad_h.index_copy_(0, idx, g_c @ weight)                 # ∂L/∂h = G W
                 if need_w: grad_w.add_((g_c.T @ h_c).to(grad_w.dtype))              # ∂L/∂W += Gᵀ h
                 del g_c
             else:
-                values = per_row(s_c, t_c, alpha, beta, temperature)
+                values = rows_fn(s_c, t_c, alpha, beta, temperature)
             total += values.detach().double().sum() * scale
             del s_c, t_c, values
         ctx.grads, ctx.weight_dtype = (grad_h, grad_w), weight.dtype
@@ -106,14 +104,15 @@ class FusedLinearABDivergence(torch.autograd.Function):
         out_w = grad_w.mul_(grad_out.to(grad_w.dtype)).to(ctx.weight_dtype) if grad_w is not None else None
         return out_h, out_w, None, None, None, None, None, None, None, None, None, None
 
-def ab_divergence_from_hidden(student_hidden: Tensor, student_weight: Tensor,
-                              teacher: Union[Tensor, tuple[Tensor, Tensor]], alpha: float, beta: float, *,
-                              temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",
-                              chunk_tokens: Optional[int] = None, impl: str = "auto") -> Tensor:
+def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor,
+                            teacher: Union[Tensor, tuple[Tensor, Tensor]], alpha: float, beta: float, *,
+                            rows: Callable[..., Tensor], temperature: float = 1.0, mask: Optional[Tensor] = None,
+                            reduction: str = "mean", chunk_tokens: Optional[int] = None) -> Tensor:
     """D_AB(p‖q) with q = softmax(student_hidden @ student_weightᵀ / T) and p from `teacher` (logits [..., V], or
     (teacher_hidden, teacher_weight)), reduced over positions, without materializing the [N, V] logits.
 
-    Same value and gradients as `ab_divergence(student_hidden @ student_weight.T, teacher_logits, ...)`."""
+    `rows(student [C, V], teacher [C, V], α, β, T) -> [C]` computes each token chunk (an implementation of the core's
+    table). Same value and gradients as `ab_divergence(student_hidden @ student_weight.T, teacher_logits, ...)`."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
     reduction = check_reduction(reduction)
     if reduction == "none":
@@ -136,38 +135,4 @@ def ab_divergence_from_hidden(student_hidden: Tensor, student_weight: Tensor,
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     return FusedLinearABDivergence.apply(h, student_weight, t_logits, t_hidden, t_weight, alpha, beta, temperature,
-                                         keep, scale, chunk_tokens, impl)
-
-# %% ../../nbs/05_fused_linear.ipynb #246c63c1
-def _fused_child(kind: str, n: int, h_s: int, h_t: int, vocab: int, chunk_tokens: int) -> dict:
-    "One forward + backward of `kind` ('fused' or 'materialized') in this process: extra peak MiB and seconds."
-    import time
-    from abkd.divergence import ab_divergence
-    from abkd.gradients import _reset_high_water, _resident_high_water_kib
-    g = torch.Generator().manual_seed(0)
-    hs = torch.randn(n, h_s, generator=g).requires_grad_()
-    ws = (torch.randn(vocab, h_s, generator=g) / h_s**0.5).requires_grad_()
-    ht, wt = torch.randn(n, h_t, generator=g), torch.randn(vocab, h_t, generator=g) / h_t**0.5
-    def step():
-        if kind == "fused":
-            return ab_divergence_from_hidden(hs, ws, (ht, wt), 0.2, 0.7, chunk_tokens=chunk_tokens)
-        return ab_divergence(hs @ ws.T, ht @ wt.T, 0.2, 0.7)
-    step().backward(); hs.grad = ws.grad = None                     # warm-up: code pages, thread pools
-    _reset_high_water()
-    before, t0 = _resident_high_water_kib(), time.perf_counter()
-    loss = step(); loss.backward()
-    return dict(seconds=time.perf_counter() - t0, peak_extra_mib=(_resident_high_water_kib() - before) / 1024,
-                loss=loss.item())
-
-def fused_vs_materialized(n: int, h_s: int, h_t: int, vocab: int, chunk_tokens: int) -> dict:
-    "{'fused': ..., 'materialized': ...}: `_fused_child` of each path, each in a fresh Python process."
-    import json, os, subprocess, sys
-    out = {}
-    for kind in ("materialized", "fused"):
-        code = ("import json; from abkd.kernels.fused_linear import _fused_child; "
-                f"print(json.dumps(_fused_child({kind!r}, {n}, {h_s}, {h_t}, {vocab}, {chunk_tokens})))")
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        if p.returncode != 0: raise RuntimeError(f"{kind} child process failed:\n{p.stderr[-2000:]}")
-        out[kind] = json.loads(p.stdout.strip().splitlines()[-1])
-    return out
+                                         keep, scale, chunk_tokens, rows)

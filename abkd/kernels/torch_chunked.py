@@ -10,12 +10,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from ..divergence import ab_terms_masked, compute_dtype
-from ..gradients import student_factor, teacher_factor
+from ..gradients import row_chunks, student_factor, teacher_factor
 
 # %% auto #0
-__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'scratch_for',
-           'horner_', 'below_', 'psi_', 'ab_terms_', 'grad_factor_', 'chunk_rows', 'ChunkedABDivergence',
-           'ab_divergence_chunked']
+__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'horner_', 'below_',
+           'psi_', 'ab_terms_', 'grad_factor_', 'chunk_plan', 'ChunkedABDivergence', 'ab_divergence_chunked']
 
 # %% ../../nbs/03_torch_kernel.ipynb #13a39654
 def _unit_roundoff(dtype: torch.dtype) -> float: return torch.finfo(dtype).eps / 2
@@ -74,15 +73,6 @@ class Scratch:
             self.buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
         return self.buffers[name][:n]
 
-_LAST_SCRATCH: list = []          # the most recent Scratch, reused by the next call with the same geometry
-
-def scratch_for(rows: int, vocab: int, dtype: torch.dtype, device) -> Scratch:
-    "A Scratch for this geometry: the previous call's if it matches (its pages are already mapped), else a new one."
-    key = (rows, vocab, dtype, torch.device(device))
-    if _LAST_SCRATCH and _LAST_SCRATCH[0][0] == key: return _LAST_SCRATCH[0][1]
-    _LAST_SCRATCH[:] = [(key, Scratch(rows, vocab, dtype, device))]
-    return _LAST_SCRATCH[0][1]
-
 def horner_(x: Tensor, coefs: tuple, out: Tensor) -> Tensor:
     "Σ_n coefs[n]·x^n into `out` (Horner; one fused multiply-add per term)."
     out.fill_(coefs[-1])
@@ -139,11 +129,12 @@ def grad_factor_(r: Tensor, y: Tensor, plan: ABPlan, W: Scratch, n: int, wrt: st
     return factor if wrt == "student" else factor.neg_()
 
 # %% ../../nbs/03_torch_kernel.ipynb #0f858e24
-CHUNK_ELEMENTS = 1 << 19          # elements per chunk of rows: buffers of 2 MiB each in float32
+CHUNK_ELEMENTS = 1 << 19   # elements per chunk here: ~15 buffers of 2 MiB each in float32, reused chunk after chunk
 
-def chunk_rows(n_rows: int, vocab: int, chunk_elements: int | None = None) -> int:
-    "Rows per chunk: as many as fit in `chunk_elements` (default `CHUNK_ELEMENTS`), at least one."
-    return max(1, min(n_rows, (chunk_elements or CHUNK_ELEMENTS) // max(vocab, 1)))
+def chunk_plan(n_rows: int, vocab: int, chunk_elements: int | None) -> tuple[list[tuple[int, int]], int]:
+    "(row ranges of `row_chunks` within `chunk_elements`, default `CHUNK_ELEMENTS`; rows of the largest, for the buffers)."
+    chunks = row_chunks(n_rows, vocab, chunk_elements or CHUNK_ELEMENTS)
+    return chunks, max((j - i for i, j in chunks), default=1)
 
 def _upcast(x: Tensor, dtype: torch.dtype, out: Tensor) -> Tensor:
     "x in the compute dtype: itself if it has it, else copied into `out`."
@@ -163,8 +154,6 @@ def _ratio_and_mix_(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, plan: AB
     torch.mul(t, plan.alpha * inv_t, out=y).add_(s, alpha=plan.beta * inv_t).sub_(plan.alpha * lse_t + plan.beta * lse_s)
     return r, y
 
-def _rows(i: int, n: int, step: int) -> tuple[int, int]: return min(i + step, n), min(step, n - i)
-
 class ChunkedABDivergence(torch.autograd.Function):
     "Per-row D_AB(p‖q) of [N, V] logits in chunks of rows; saves its inputs and 2N log-partition values."
     @staticmethod
@@ -172,12 +161,12 @@ class ChunkedABDivergence(torch.autograd.Function):
                 chunk_elements: int | None = None):
         s, t = student_logits, teacher_logits
         dtype, (n, V) = compute_dtype(s, t), s.shape
-        plan, inv_t, step = ab_plan(alpha, beta, dtype), 1.0 / temperature, chunk_rows(n, V, chunk_elements)
-        W = scratch_for(step, V, dtype, s.device)
+        plan, inv_t, (chunks, rows) = ab_plan(alpha, beta, dtype), 1.0 / temperature, chunk_plan(n, V, chunk_elements)
+        W = Scratch(rows, V, dtype, s.device)                           # this pass's buffers
         values, lse_s, lse_t = (s.new_empty(n, *shape, dtype=dtype) for shape in ((), (1,), (1,)))
         masked = []                                                     # chunks that hold −inf logits
-        for i in range(0, n, step):
-            j, k = _rows(i, n, step)
+        for i, j in chunks:
+            k = j - i
             sc, tc = _upcast(s[i:j], dtype, W("s", k)), _upcast(t[i:j], dtype, W("t", k))
             lse_s[i:j], lse_t[i:j] = _log_partition(sc, inv_t, W("tmp", k)), _log_partition(tc, inv_t, W("tmp", k))
             r, y = _ratio_and_mix_(sc, tc, lse_s[i:j], lse_t[i:j], plan, inv_t, W("r", k), W("y", k))
@@ -187,7 +176,7 @@ class ChunkedABDivergence(torch.autograd.Function):
                 lp, lq = tc * inv_t - lse_t[i:j], sc * inv_t - lse_s[i:j]
                 values[i:j] = ab_terms_masked(lp, lq, alpha, beta).sum(-1)
         ctx.save_for_backward(s, t, lse_s, lse_t)
-        ctx.hyper, ctx.step, ctx.masked = (alpha, beta, temperature), step, set(masked)
+        ctx.hyper, ctx.chunk_elements, ctx.masked = (alpha, beta, temperature), chunk_elements, set(masked)
         return values
 
     @staticmethod
@@ -196,12 +185,12 @@ class ChunkedABDivergence(torch.autograd.Function):
         s, t, lse_s, lse_t = ctx.saved_tensors
         alpha, beta, temperature = ctx.hyper
         dtype, (n, V) = compute_dtype(s, t), s.shape
-        plan, inv_t, step = ab_plan(alpha, beta, dtype), 1.0 / temperature, ctx.step
-        W = scratch_for(step, V, dtype, s.device)
+        plan, inv_t, (chunks, rows) = ab_plan(alpha, beta, dtype), 1.0 / temperature, chunk_plan(n, V, ctx.chunk_elements)
+        W = Scratch(rows, V, dtype, s.device)                           # this pass's buffers
         grads = {side: torch.empty_like(x) if need else None
                  for side, x, need in (("student", s, ctx.needs_input_grad[0]), ("teacher", t, ctx.needs_input_grad[1]))}
-        for i in range(0, n, step):
-            j, k = _rows(i, n, step)
+        for i, j in chunks:
+            k = j - i
             w = grad_values[i:j].to(dtype).unsqueeze(-1) * inv_t                      # ∂L/∂D_row · 1/T
             sc, tc = _upcast(s[i:j], dtype, W("s", k)), _upcast(t[i:j], dtype, W("t", k))
             for side, grad in grads.items():

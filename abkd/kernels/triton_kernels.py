@@ -223,5 +223,3 @@ def ab_divergence_triton(student_logits: Tensor, teacher_logits: Tensor, alpha: 
     `row_mask` (bool [N]): rows to compute; the others get 0 and a zero gradient. `inplace_grad=True` writes the
     student gradient over `student_logits` (which must not be read afterwards)."""
     return TritonABDivergence.apply(student_logits, teacher_logits, alpha, beta, temperature, row_mask, inplace_grad)
-
-ab_divergence_triton.takes_row_mask = True      # `apply_divergence` passes the row mask instead of gathering rows
