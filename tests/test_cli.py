@@ -1,5 +1,4 @@
-"""The `abkd` command: the main job writes records, tables generated from them and figures; bad arguments exit 2."""
-import json
+"""The `abkd` command: it dispatches to experiment modules that follow one protocol; bad arguments exit 2."""
 import shutil
 import subprocess
 import sys
@@ -7,66 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from abkd.cli import EXPERIMENTS, main, write_named_points_table
+from abkd.cli import EXPERIMENTS, Experiment, main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-THEORY_FILES = ["ab_plane.png", "claims.json", "claims.md", "claims_concentration.png", "claims_fkl_rkl.png",
-                "concentration_heatmaps.png", "controlled.json",
-                "controlled.md", "controlled_V100.png", "controlled_V10000.png", "first_order_error.json",
-                "first_order_error.md", "first_order_error.png", "mass_reallocation.png", "named_points.json",
-                "named_points.md"]
-
-
-@pytest.fixture(scope="module")
-def theory_out(tmp_path_factory):
-    "One run of the main job's theory experiment at smoke scale, shared by the tests below."
-    out = tmp_path_factory.mktemp("reproduce")
-    assert main(["reproduce", "--only", "theory", "--out", str(out)]) == 0
-    return out
-
-
-def test_reproduce_theory_writes_records_tables_and_figures(theory_out):
-    out = theory_out / "theory"
-    assert sorted(p.name for p in out.iterdir()) == THEORY_FILES          # nothing else (no temporary files)
-    for png in out.glob("*.png"):
-        assert png.read_bytes()[:4] == b"\x89PNG"
-    for rec_path in out.glob("*.json"):
-        rec = json.loads(rec_path.read_text())
-        assert {"git", "versions", "hardware"} <= set(rec["provenance"]) and rec["seed"] == 0
-
-
-def test_theory_claims_hold_in_the_written_record(theory_out):
-    m = json.loads((theory_out / "theory" / "claims.json").read_text())["metrics"]
-    assert m["a_fkl_error_alone"]["fkl_worst_gap"] < 1e-3
-    b = m["b_rkl_confidence_order"]
-    assert b["under_holds"] + b["over_holds"] == b["draws"]
-    assert m["c_tail_regime"]["confidence_increases_with_beta"] == m["c_tail_regime"]["draws"]
-    slopes = json.loads((theory_out / "theory" / "first_order_error.json").read_text())["metrics"]
-    assert all(abs(v["slope"] - 2) < 0.05 for v in slopes.values())
-    controlled = json.loads((theory_out / "theory" / "controlled.json").read_text())["metrics"]
-    assert sum(v["best"] for v in controlled.values()) == 2                # one best point per vocabulary size
-
-
-def test_named_points_record_and_table(theory_out):
-    out = theory_out / "theory"
-    rec = json.loads((out / "named_points.json").read_text())
-    assert rec["experiment"] == "theory/named_points"
-    assert len(rec["metrics"]) >= 8 and all(m["rel_gap"] < 1e-12 for m in rec["metrics"].values())
-    assert (out / "ab_plane.png").read_bytes()[:4] == b"\x89PNG"
-    table = (out / "named_points.md").read_text()
-    for name, m in rec["metrics"].items():
-        assert name in table and f"{m['closed_form']:.12g}" in table
-
-
-def test_table_is_generated_from_the_record(theory_out, tmp_path):
-    rec_path = tmp_path / "named_points.json"
-    rec = json.loads((theory_out / "theory" / "named_points.json").read_text())
-    rec["metrics"]["forward KL"]["closed_form"] = 123.456
-    rec_path.write_text(json.dumps(rec))
-    text = write_named_points_table(rec_path, tmp_path / "t.md").read_text()
-    assert "123.456" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -99,3 +41,24 @@ def test_console_script_is_installed():
 def test_readme_is_generated_from_index_notebook():
     r = subprocess.run([sys.executable, str(ROOT / ".ci" / "readme.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_experiment_module_follows_the_protocol(name, tmp_path):
+    module = EXPERIMENTS[name].load()
+    assert all(hasattr(module, a) for a in ("SMOKE", "PAPER", "reproduce")), name
+    with pytest.raises(ValueError, match="scale must be 'smoke' or 'paper', got 'huge'"):
+        module.reproduce(tmp_path / "x", "huge")
+    assert not (tmp_path / "x").exists()
+
+
+def test_reproduce_dispatches_to_the_module(monkeypatch, tmp_path, capsys):
+    import types
+    calls = []
+    standin = types.ModuleType("abkd_standin")
+    standin.SMOKE, standin.PAPER = {}, {}
+    standin.reproduce = lambda out_dir, scale: calls.append((out_dir, scale)) or [out_dir / "standin" / "t.md"]
+    monkeypatch.setitem(EXPERIMENTS, "standin", Experiment("standin", lambda: standin, "a stand-in"))
+    assert main(["reproduce", "--only", "standin", "--scale", "paper", "--out", str(tmp_path)]) == 0
+    assert calls == [(tmp_path, "paper")]
+    assert str(tmp_path / "standin" / "t.md") in capsys.readouterr().out

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from abkd import results as R
-from abkd.results import (aggregate, environment_info, format_mean_std, load_records, pair_label, published,
-                          published_tables, records_to_table, render_table, save_record)
+from abkd.results import (SCALES, aggregate, by_scale, cite_published, environment_info, format_mean_std, load_records,
+                          pair_label, published, published_number, published_tables, records_to_table, render_table,
+                          save_record, write_markdown)
 
 
 @dataclasses.dataclass
@@ -304,3 +305,33 @@ def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_format_mean_std_without_the_count():
+    assert format_mean_std([25.1, 25.3, 25.5], count=False) == "25.30 ± 0.20"
+    assert format_mean_std([74.04], count=False) == "74.04"
+
+
+def test_published_number_and_citations():
+    assert published_number(published("gpt2_rougel"), "ABKD", "Dolly") == "25.65"
+    assert published_number(published("gpt2_rougel_minillm"), "SFT", "Dolly") == "23.3"    # the source's decimals
+    assert published_number(published("gpt2_rougel"), "ABKD", "no such column") is None
+    assert published_number(published("gpt2_rougel"), "no such row", "Dolly") is None
+    line = cite_published(["clip_promptkd", "gpt2_rougel"])
+    assert line == f"[clip_promptkd] {published('clip_promptkd')['source']} [gpt2_rougel] {published('gpt2_rougel')['source']}"
+
+
+def test_write_markdown_joins_title_and_blocks(tmp_path):
+    path = write_markdown(tmp_path / "a" / "t.md", "Title", "A note.", "", "| a |\n|---|")
+    assert path == tmp_path / "a" / "t.md"
+    assert path.read_text() == "# Title\n\nA note.\n\n| a |\n|---|\n"
+    assert _files(tmp_path) == ["a/t.md"]                                     # no temporary file left
+
+
+def test_by_scale_is_the_one_switch():
+    assert SCALES == ("smoke", "paper")
+    assert by_scale("smoke", smoke=1, paper=2) == 1 and by_scale("paper", smoke=1, paper=2) == 2
+    with pytest.raises(ValueError, match="scale must be 'smoke' or 'paper', got 'huge'"):
+        by_scale("huge", smoke=1, paper=2)
+    with pytest.raises(TypeError, match="one choice per scale"):
+        by_scale("smoke", smoke=1)

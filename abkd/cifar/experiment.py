@@ -4,19 +4,21 @@
 
 # %% ../../nbs/16_cifar_experiment.ipynb #8b0fdacc
 from __future__ import annotations
-import dataclasses, statistics
+import dataclasses, os
 from pathlib import Path
 from typing import Optional, Sequence
 import torch
 from torch import nn
-from ..results import atomic_write_text, load_record, markdown_table, pair_label, published, save_record
+from ..results import (by_scale, cite_published, format_mean_std, load_record, markdown_table, pair_label, published,
+                          published_number, save_record, write_markdown)
 from .data import build_synthetic_cifar100, cifar100_datasets
 from .models import create_model
-from .recipes import AB_GRID, load_state_dict_file, recipe, teacher_path, teacher_recipe
+from .recipes import (AB_GRID, METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path,
+                                teacher_recipe)
 from .train import TrainConfig, fit
 
 # %% auto #0
-__all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'SMOKE', 'PAPER_SEEDS', 'load_weights', 'build_teacher', 'run_config', 'run_seeds',
+__all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'SMOKE', 'PAPER', 'load_weights', 'build_teacher', 'run_config', 'run_seeds',
            'grid_search', 'published_value', 'results_table', 'published_sources', 'smoke_configs', 'reproduce_smoke',
            'reproduce_paper', 'reproduce']
 
@@ -101,12 +103,8 @@ def published_value(method: str, teacher: str, student: str) -> str:
     if method.startswith("ab"): return "paper value not recorded"
     if method not in PUBLISHED_COLUMNS: return "—"
     table_id, column = PUBLISHED_COLUMNS[method]
-    row = published(table_id)["rows"].get(pair_label(teacher, student), {})
-    return f"{row[column]:.2f} [{table_id}]" if column in row else "not published"
-
-def _mean_std(xs: list) -> str:
-    if not xs: return "—"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+    value = published_number(published(table_id), pair_label(teacher, student), column)
+    return f"{value} [{table_id}]" if value else "not published"
 
 def results_table(records: Sequence[dict], label: str = "") -> str:
     "A markdown table of CIFAR-100 records: pair, method, seeds, last and best epoch (mean ± std), published."
@@ -122,8 +120,8 @@ def results_table(records: Sequence[dict], label: str = "") -> str:
         chosen = sorted({r["config"]["best_chosen_on"] for r in recs})
         ab = recs[0]["config"]["loss_params"]
         point = f" (α={ab['alpha']:g}, β={ab['beta']:g})" if "alpha" in ab else ""
-        rows.append([pair_label(t, s), m.upper() + point, str(len(recs)), _mean_std(last),
-                     _mean_std(best) + f" [{'/'.join(chosen)}]", published_value(m, t, s)])
+        rows.append([pair_label(t, s), m.upper() + point, str(len(recs)), format_mean_std(last, count=False),
+                     format_mean_std(best, count=False) + f" [{'/'.join(chosen)}]", published_value(m, t, s)])
     head = ["pair", "method", "seeds", f"last epoch{label}", f"best epoch{label} [chosen on]", "published"]
     return markdown_table(head, rows) + "\n\n" + published_sources(m for (_, _, m) in groups)
 
@@ -131,7 +129,7 @@ def published_sources(methods) -> str:
     "One line per published table the methods' column cites: its id and source."
     methods = list(methods)
     ids = sorted({PUBLISHED_COLUMNS[m][0] for m in methods if m in PUBLISHED_COLUMNS})
-    lines = [f"[{i}] {published(i)['source']}" for i in ids]
+    lines = [cite_published(ids)] if ids else []
     if any(m.startswith("ab") for m in methods) or not lines:
         lines.append("ABKD paper values: " + published("cifar100_abkd_paper")["note"])
     return "Sources — " + " ".join(lines)
@@ -139,20 +137,15 @@ def published_sources(methods) -> str:
 # %% ../../nbs/16_cifar_experiment.ipynb #69a07d73
 SMOKE = dict(teacher="resnet20", student="resnet8", methods=("kd", "abkd"), seeds=(0, 1), n_train_per_class=20,
              n_test_per_class=5, teacher_epochs=6, student_epochs=6, batch_size=64, lr=0.05, milestones=(4,))
-PAPER_SEEDS = (0, 1, 2)
+PAPER = dict(pairs=PAIRS, methods=METHODS, seeds=(0, 1, 2))
 
 def smoke_configs(teacher_checkpoint: str, smoke: dict = SMOKE) -> list[TrainConfig]:
     "The smoke run's student configurations (KD and ABKD at the preset (α, β), each seed)."
-    from abkd.cifar.recipes import method_params
     common = dict(epochs=smoke["student_epochs"], batch_size=smoke["batch_size"], lr=smoke["lr"],
                   milestones=smoke["milestones"])
     return [TrainConfig(smoke["student"], loss=m, loss_params=method_params(m, smoke["teacher"], smoke["student"]),
                         teacher=smoke["teacher"], teacher_checkpoint=teacher_checkpoint, seed=s, **common)
             for m in smoke["methods"] for s in smoke["seeds"]]
-
-def _write_table(records: list, path: Path, title: str, note: str) -> Path:
-    atomic_write_text(path, f"# {title}\n\n{note}\n\n" + results_table(records) + "\n")
-    return path
 
 def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list[Path]:
     "The smoke reproduction: synthetic data, a teacher, KD and ABKD students, records and a table."
@@ -174,35 +167,37 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
             f"{smoke['teacher_epochs']} epochs (test accuracy {trec['metrics']['last_test_acc']:.2f} % last epoch), "
             f"students {smoke['student_epochs']} epochs, seeds {list(smoke['seeds'])}. These numbers test the pipeline; "
             "they are not CIFAR-100 results. The published column is for the real recipe on the standard pairs.")
-    written.append(_write_table(records, root / "table.md", "CIFAR-100 distillation (smoke)", note))
+    written.append(write_markdown(root / "table.md", "CIFAR-100 distillation (smoke)", note, results_table(records)))
     return written
 
-def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=None, methods=None, seeds=PAPER_SEEDS,
-                    download: bool = True, progress: bool = True, **kw) -> list[Path]:
-    "The published recipe on real CIFAR-100 for `pairs` × `methods` × `seeds` (all by default; a GPU job of days)."
-    from abkd.cifar.recipes import METHODS, PAIRS
+def _launched_accelerator():
+    "An `accelerate.Accelerator` under `accelerate launch` with several processes (WORLD_SIZE > 1), else None."
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return None
+    from accelerate import Accelerator                                 # the [experiments] extra, needed only here
+    return Accelerator()
+
+def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=PAPER["pairs"], methods=PAPER["methods"],
+                    seeds=PAPER["seeds"], download: bool = True, progress: bool = True, accelerator=None,
+                    **kw) -> list[Path]:
+    "The published recipe on real CIFAR-100 for `pairs` × `methods` × `seeds` (PAPER: all; a GPU job of days)."
+    accelerator = accelerator or _launched_accelerator()
     root = Path(out_dir) / "cifar100"
     data_root = Path(data_root or root / "data")
     teachers_dir = Path(teachers_dir or root / "teachers")
     records, written = [], []
-    for t, s in pairs or PAIRS:
+    for t, s in pairs:
         ckpt = str(teacher_path(t, teachers_dir))
-        for m in methods or METHODS:
+        for m in methods:
             for seed in seeds:
                 run_dir = root / "runs" / f"{t}-{s}" / m / f"seed{seed}"
                 records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpt), data_root, run_dir,
-                                          download=download, progress=progress, **kw))
+                                          download=download, progress=progress, accelerator=accelerator, **kw))
                 written.append(run_dir / RESULT)
-    written.append(_write_table(records, root / "table.md", "CIFAR-100 distillation (paper recipe)",
-                                "The published recipe (240 epochs); best epoch chosen on test as in the published tables."))
+    written.append(write_markdown(root / "table.md", "CIFAR-100 distillation (paper recipe)",
+                                  "The published recipe (240 epochs); best epoch chosen on test as in the published "
+                                  "tables.", results_table(records)))
     return written
 
-def reproduce(out_dir, scale: str = "smoke") -> list[Path]:
-    "`abkd reproduce --only cifar100 --scale {smoke, paper}` (paper under `accelerate launch`: DDP over its processes)."
-    if scale == "smoke": return reproduce_smoke(out_dir)
-    if scale == "paper":
-        import os
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if distributed: from accelerate import Accelerator
-        return reproduce_paper(out_dir, accelerator=Accelerator() if distributed else None)
-    raise ValueError(f"scale must be 'smoke' or 'paper', got {scale!r}")
+def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:
+    "`abkd reproduce --only cifar100 --scale {smoke, paper}`: reproduce_smoke(SMOKE) or reproduce_paper(PAPER)."
+    return by_scale(scale, smoke=reproduce_smoke, paper=reproduce_paper)(out_dir, **kw)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/21_clip_experiment.ipynb #131f482f
 from __future__ import annotations
-import os, statistics
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 import torch
@@ -16,12 +16,13 @@ from .models import (PromptConfig, PromptedCLIP, PromptKDStudent, class_prompts,
                               load_clip, load_clip_tokenizer, load_teacher_prompts, teacher_prompt_path,
                               tiny_clip_config, word_tokenizer)
 from .train import CLIPTrainConfig, fit_clip, save_clip_record
-from ..results import atomic_write_text, load_records, markdown_table, published
+from ..results import (by_scale, cite_published, format_mean_std, load_records, markdown_table, published,
+                          published_number, write_markdown)
 
 # %% auto #0
-__all__ = ['AB_DEFAULT', 'METHODS', 'AB_GRID', 'PAPER_SEEDS', 'METHOD_LABELS', 'SMOKE', 'method_config', 'run_method',
-           'published_rows', 'results_table', 'pretrain_standin_clip', 'smoke_models', 'train_teacher_prompts',
-           'reproduce_smoke', 'paper_models', 'reproduce_paper', 'reproduce']
+__all__ = ['AB_DEFAULT', 'METHODS', 'AB_GRID', 'METHOD_LABELS', 'SMOKE', 'PAPER', 'method_config', 'run_method', 'published_rows',
+           'results_table', 'pretrain_standin_clip', 'smoke_models', 'train_teacher_prompts', 'reproduce_smoke',
+           'paper_models', 'reproduce_paper', 'reproduce']
 
 # %% ../../nbs/21_clip_experiment.ipynb #5e7fb529
 AB_DEFAULT = dict(alpha=0.8, beta=0.2)
@@ -36,7 +37,6 @@ METHODS = {
     "abttm": ("abttm", dict(AB_DEFAULT, gamma=0.1)),
 }
 AB_GRID = [(round(a, 1), round(s - a, 1)) for s in (1.0, 1.1, 1.2, 1.3) for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)]
-PAPER_SEEDS = (1, 2, 3)
 
 def method_config(dataset: str, method: str, seed: int, **overrides) -> CLIPTrainConfig:
     "The CLIPTrainConfig of `method` on `dataset` (the PromptKD recipe) with `overrides`."
@@ -63,19 +63,17 @@ METHOD_LABELS = {"kd": "KD (PromptKD)", "abkd": "ABKD", "dkd": "DKD", "abdkd": "
                  "ttm": "TTM", "abttm": "ABTTM"}
 _LOSS_TO_METHOD = {loss: m for m, (loss, _) in METHODS.items()}
 
-def _ms(xs: Sequence[float]) -> str:
-    return f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
-
 def published_rows(dataset: str) -> list[list[str]]:
     "Published base / new / HM rows for one dataset (HM computed from base and new)."
     title, rows = dataset_spec(dataset).title, []
     pk = published("clip_promptkd")
     if title in pk["rows"]:
         b, n = pk["rows"][title]["base"], pk["rows"][title]["new"]
-        rows.append([title, "published PromptKD [clip_promptkd]", f"{b:.2f}", f"{n:.2f}", f"{harmonic_mean(b, n):.2f}"])
+        rows.append([title, "published PromptKD [clip_promptkd]", published_number(pk, title, "base"),
+                     published_number(pk, title, "new"), f"{harmonic_mean(b, n):.2f}"])
     ab = published("clip_abkd_paper")
-    cell = lambda c: f"{ab['rows'][title][c]:.2f}" if title in ab["rows"] and c in ab["rows"][title] else ab["missing"]
-    rows.append([title, "published ABKD [clip_abkd_paper]"] + [cell(c) for c in ("base", "new", "HM")])
+    rows.append([title, "published ABKD [clip_abkd_paper]"] +
+                [published_number(ab, title, c) or ab["missing"] for c in ("base", "new", "HM")])
     return rows
 
 def results_table(records: Sequence[dict]) -> str:
@@ -95,11 +93,10 @@ def results_table(records: Sequence[dict]) -> str:
         for method in [m for m in METHODS if (ds, m) in groups]:
             ms = groups[(ds, method)]
             rows.append([title, f"{METHOD_LABELS[method]} (n={len(ms)})"] +
-                        [_ms([x[k] for x in ms]) for k in ("base", "new", "hm")])
+                        [format_mean_std([x[k] for x in ms], count=False) for k in ("base", "new", "hm")])
         rows += published_rows(ds)
     head = ["dataset", "method", "base", "new", "HM"]
-    sources = f"[clip_promptkd] {published('clip_promptkd')['source']} [clip_abkd_paper] {published('clip_abkd_paper')['source']}"
-    return markdown_table(head, rows) + f"\n\nPublished: {sources}"
+    return markdown_table(head, rows) + f"\n\nPublished: {cite_published(['clip_promptkd', 'clip_abkd_paper'])}"
 
 # %% ../../nbs/21_clip_experiment.ipynb #8b8bf28e
 SMOKE = dict(datasets=("dtd", "eurosat"), n_classes=8, n_train=16, n_val=2, n_test=10, image_size=32, shots=8,
@@ -175,9 +172,8 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
             f"prompts trained here on {smoke['shots']} shots per base class; mean ± std over seeds {list(smoke['seeds'])}. These numbers exercise the code path; "
             "the backbones were pretrained here on a separate draw of stand-in images of every class (a stand-in for CLIP's "
             "web pretraining), then frozen. The published rows are ViT-L/14 → ViT-B/16 on the real datasets.")
-    table = root / "table.md"
-    atomic_write_text(table, f"# CLIP base-to-new (smoke)\n\n{note}\n\n{results_table(load_records(root / 'records'))}\n")
-    return written + [table]
+    return written + [write_markdown(root / "table.md", "CLIP base-to-new (smoke)", note,
+                                     results_table(load_records(root / "records")))]
 
 # %% ../../nbs/21_clip_experiment.ipynb #e05373c6
 def paper_models(classnames: Sequence[str]):
@@ -187,8 +183,10 @@ def paper_models(classnames: Sequence[str]):
     dim = teacher.clip.config.projection_dim
     return teacher, lambda: PromptKDStudent(PromptedCLIP(student_clip, tok, classnames), teacher_dim=dim)
 
-def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequence[str] = tuple(DATASETS),
-                    methods: Sequence[str] = tuple(METHODS), seeds: Sequence[int] = PAPER_SEEDS,
+PAPER = dict(datasets=tuple(DATASETS), methods=tuple(METHODS), seeds=(1, 2, 3))
+
+def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequence[str] = PAPER["datasets"],
+                    methods: Sequence[str] = PAPER["methods"], seeds: Sequence[int] = PAPER["seeds"],
                     train_teacher: bool = False, progress: bool = True, models=paper_models, **overrides) -> list[Path]:
     "Every dataset × method × seed at the paper's scale (`overrides`: CLIPTrainConfig fields); records and the table."
     root = Path(out_dir) / "clip"
@@ -206,12 +204,8 @@ def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequen
             for method in methods:
                 written.append(run_method(method_config(ds, method, seed, **overrides), make_student, teacher, splits, root,
                                           progress=progress, extra_config=dict(scale="paper")))
-    table = root / "table.md"
-    atomic_write_text(table, f"# CLIP base-to-new\n\n{results_table(load_records(root / 'records'))}\n")
-    return written + [table]
+    return written + [write_markdown(root / "table.md", "CLIP base-to-new", results_table(load_records(root / "records")))]
 
-def reproduce(out_dir, scale: str = "smoke") -> list[Path]:
-    "`abkd reproduce --only clip --scale {smoke, paper}`."
-    if scale == "smoke": return reproduce_smoke(out_dir)
-    if scale == "paper": return reproduce_paper(out_dir)
-    raise ValueError(f"scale must be 'smoke' or 'paper', got {scale!r}")
+def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:
+    "`abkd reproduce --only clip --scale {smoke, paper}`: reproduce_smoke(SMOKE) or reproduce_paper(PAPER)."
+    return by_scale(scale, smoke=reproduce_smoke, paper=reproduce_paper)(out_dir, **kw)

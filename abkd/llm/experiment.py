@@ -11,7 +11,8 @@ from .data import (TEST_SETS, load_test_set, load_train_valid, make_collate, rea
                            tokenize_examples, train_bpe_tokenizer, write_synthetic_instruction_data, TRAIN_FILE)
 from .eval import PROTOCOL_SEEDS, evaluate_rouge, evaluation_record
 from .train import LLMTrainConfig, fit_llm
-from ..results import atomic_write_text, load_record, markdown_table, published
+from ..results import (by_scale, cite_published, format_mean_std, load_record, markdown_table, published,
+                          published_number, write_markdown)
 
 # %% auto #0
 __all__ = ['LOSSES', 'PUBLISHED_ROW', 'TEST_COLUMNS', 'SMOKE', 'ROW_LABELS', 'PAPER', 'LLMScale', 'tiny_gpt2', 'rouge_selector',
@@ -128,10 +129,8 @@ def results_table(eval_dir: Path) -> str:
     cell = {}
     for path in sorted(Path(eval_dir).glob("*.json")):
         rec = load_record(path)
-        m = rec["metrics"]["rougeL"]
-        std = m.get("std")
-        cell[(rec["config"]["model"], rec["config"]["test_set"])] = \
-            f"{m['mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+        per_seed = list(rec["metrics"]["rougeL"]["per_seed"].values())
+        cell[(rec["config"]["model"], rec["config"]["test_set"])] = format_mean_std(per_seed, count=False)
     pub = published("gpt2_rougel")
     rows = []
     for name, label in ROW_LABELS.items():
@@ -139,10 +138,9 @@ def results_table(eval_dir: Path) -> str:
         rows.append([label] + [cell.get((name, t), "—") for t in TEST_COLUMNS])
         ref = PUBLISHED_ROW.get(name.replace("kd_", "").replace("student_", ""))
         if ref and ref in pub["rows"]:
-            rows.append([f"↳ published {ref}"] + [f"{pub['rows'][ref][c]:.2f}" if c in pub["rows"][ref] else "—"
-                                                  for c in TEST_COLUMNS.values()])
+            rows.append([f"↳ published {ref}"] + [published_number(pub, ref, c) or "—" for c in TEST_COLUMNS.values()])
     head = ["model"] + [f"{TEST_COLUMNS[t]} ({TEST_SETS[t].title})" for t in TEST_COLUMNS]
-    return markdown_table(head, rows) + f"\n\nPublished rows: [gpt2_rougel] {pub['source']}"
+    return markdown_table(head, rows) + f"\n\nPublished rows: {cite_published(['gpt2_rougel'])}"
 
 def reproduce_smoke(out_dir, scale: LLMScale = SMOKE, progress: bool = True) -> list[Path]:
     "The smoke reproduction: synthetic data, tiny GPT-2s, SFT → KD (fkl, rkl, ab) → ROUGE-L table."
@@ -155,30 +153,27 @@ def reproduce_smoke(out_dir, scale: LLMScale = SMOKE, progress: bool = True) -> 
             "exercise the code path; at this size and training budget the models have not yet learned the synthetic "
             "tasks, so they do not rank the losses. The published rows are GPT-2 XL → GPT-2 (120M) on the real test "
             "sets.")
-    table = root / "table.md"
-    atomic_write_text(table, f"# GPT-2 instruction following, ROUGE-L (smoke)\n\n{note}\n\n{results_table(root / 'eval')}\n")
-    return written + [table]
+    return written + [write_markdown(root / "table.md", "GPT-2 instruction following, ROUGE-L (smoke)", note,
+                                     results_table(root / "eval"))]
 
 PAPER = LLMScale(n_valid=1000, max_prompt_len=256, max_len=512, n_positions=1024, sft_epochs=10, kd_epochs=20,
                  micro_batch_size=8, lr=5e-4, warmup_steps=0, select_examples=500)
 
-def reproduce_paper(out_dir, data_root, teacher_id: str = "gpt2-xl", student_id: str = "gpt2",
+def reproduce_paper(out_dir, data_root=None, teacher_id: str = "gpt2-xl", student_id: str = "gpt2",
                     progress: bool = True, scale: LLMScale = PAPER) -> list[Path]:
-    "GPT-2 XL → GPT-2 base on MiniLLM's Dolly data under data_root (hub or local model ids; a GPU job)."
+    "GPT-2 XL → GPT-2 base on MiniLLM's Dolly data under data_root (default $ABKD_LLM_DATA, else ./data; a GPU job)."
     from transformers import AutoTokenizer, GPT2LMHeadModel
     root = Path(out_dir) / "llm"
+    data_root = data_root or os.environ.get("ABKD_LLM_DATA", "data")
     tok = AutoTokenizer.from_pretrained(teacher_id)
     data = prepare_data(data_root, tok, scale)
     written = run_pipeline(data, root, scale, student=GPT2LMHeadModel.from_pretrained(student_id), progress=progress,
                            teacher=train_stage("teacher_sft", _configs(scale)["sft"],
                                                GPT2LMHeadModel.from_pretrained(teacher_id), data, root,
                                                progress=progress))
-    table = root / "table.md"
-    atomic_write_text(table, f"# GPT-2 instruction following, ROUGE-L\n\n{results_table(root / 'eval')}\n")
-    return written + [table]
+    return written + [write_markdown(root / "table.md", "GPT-2 instruction following, ROUGE-L",
+                                     results_table(root / "eval"))]
 
-def reproduce(out_dir, scale: str = "smoke") -> list[Path]:
-    "`abkd reproduce --only llm --scale {smoke, paper}` (paper: MiniLLM's data under $ABKD_LLM_DATA, default ./data)."
-    if scale == "smoke": return reproduce_smoke(out_dir)
-    if scale == "paper": return reproduce_paper(out_dir, os.environ.get("ABKD_LLM_DATA", "data"))
-    raise ValueError(f"scale must be 'smoke' or 'paper', got {scale!r}")
+def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:
+    "`abkd reproduce --only llm --scale {smoke, paper}`: reproduce_smoke(SMOKE) or reproduce_paper(PAPER)."
+    return by_scale(scale, smoke=reproduce_smoke, paper=reproduce_paper)(out_dir, **kw)
