@@ -27,20 +27,20 @@ TEST_COLUMNS = {"dolly": "Dolly", "self_inst": "SelfInst", "vicuna": "Vicuna", "
 @dataclasses.dataclass
 class LLMScale:
     "The sizes of one reproduction scale."
-    n_train: int = 2000
-    n_test: int = 30
-    n_valid: int = 100
-    vocab_size: int = 1000
+    n_train: int = 2000                            # training examples
+    n_test: int = 30                               # examples per test set
+    n_valid: int = 100                             # validation examples (loss; selection uses the first select_examples)
+    vocab_size: int = 1000                         # tokenizer vocabulary (smoke: a BPE trained on the synthetic texts)
     teacher: dict = dataclasses.field(default_factory=lambda: dict(n_layer=4, n_embd=128, n_head=4))
     student: dict = dataclasses.field(default_factory=lambda: dict(n_layer=2, n_embd=64, n_head=2))
-    n_positions: int = 256
-    max_prompt_len: int = 128
-    max_len: int = 256
-    sft_epochs: int = 8
-    kd_epochs: int = 3
-    micro_batch_size: int = 16
-    lr: float = 5e-3
-    warmup_steps: int = 50
+    n_positions: int = 256                         # GPT-2 context length
+    max_prompt_len: int = 128                      # prompt tokens kept (MiniLLM: 256)
+    max_len: int = 256                             # prompt + response tokens (MiniLLM: 512)
+    sft_epochs: int = 8                            # teacher and student SFT epochs
+    kd_epochs: int = 3                             # distillation epochs per method
+    micro_batch_size: int = 16                     # sequences per micro-batch
+    lr: float = 5e-3                               # peak learning rate (AdamW, cosine)
+    warmup_steps: int = 50                         # linear warm-up steps
     select_examples: int = 30                      # validation examples for ROUGE-L selection (one seed)
     seeds: tuple = PROTOCOL_SEEDS
 
