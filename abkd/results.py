@@ -6,10 +6,10 @@
 __all__ = ['SCHEMA_VERSION', 'SCALES', 'git_info', 'environment_info', 'to_jsonable', 'atomic_write_text', 'save_record',
            'save_figure', 'file_sha256', 'verify_pinned_sha256', 'load_record', 'load_records', 'published_tables',
            'published', 'pair_label', 'published_number', 'cite_published', 'aggregate', 'format_mean_std',
-           'records_to_table', 'markdown_table', 'render_table', 'write_markdown', 'by_scale']
+           'records_to_table', 'markdown_table', 'render_table', 'write_markdown', 'by_scale', 'error_message']
 
 # %% ../nbs/09_results.ipynb #dcca5296
-import copy, dataclasses, datetime, hashlib, json, math, os, platform, subprocess, tempfile
+import copy, dataclasses, datetime, hashlib, json, math, os, platform, re, subprocess, tempfile
 from functools import cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -330,3 +330,16 @@ def by_scale(scale: str, **choices):
         raise TypeError(f"by_scale needs one choice per scale {SCALES}, got {sorted(choices)}")
     if scale not in SCALES: raise ValueError(f"scale must be {' or '.join(map(repr, SCALES))}, got {scale!r}")
     return choices[scale]
+
+# %% ../nbs/09_results.ipynb #3d35ac4d
+def error_message(f: Callable, width: int = 100, hide=None) -> str:
+    """'ExceptionType: message' of what `f()` raises, on one line, cut to `width` characters (fails if it raises
+    nothing); the path `hide` is shown as <tmp> and sha256 digests as <sha256>, so a table of errors reads the same on
+    every run."""
+    try: f()
+    except Exception as e: msg = f"{type(e).__name__}: {e}"
+    else: raise AssertionError(f"{f} raised no exception")
+    if hide is not None: msg = msg.replace(str(hide), "<tmp>")
+    msg = " ".join(re.sub("[0-9a-f]{64}", "<sha256>", msg).split())
+    return msg if len(msg) <= width else msg[:width - 1] + "…"
+

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from abkd import results as R
-from abkd.results import (SCALES, aggregate, by_scale, cite_published, environment_info, format_mean_std, load_records,
-                          pair_label, published, published_number, published_tables, records_to_table, render_table,
-                          save_record, write_markdown)
+from abkd.results import (SCALES, aggregate, by_scale, cite_published, environment_info, error_message,
+                          format_mean_std, load_records, pair_label, published, published_number, published_tables,
+                          records_to_table, render_table, save_record, write_markdown)
 
 
 @dataclasses.dataclass
@@ -335,3 +335,12 @@ def test_by_scale_is_the_one_switch():
         by_scale("huge", smoke=1, paper=2)
     with pytest.raises(TypeError, match="one choice per scale"):
         by_scale("smoke", smoke=1)
+
+
+def test_error_message_is_one_stable_line(tmp_path):
+    digest = "ab" * 32
+    def boom(): raise ValueError(f"{tmp_path}/x.pt has sha256 {digest},\n  expected another")
+    assert error_message(boom, hide=tmp_path) == "ValueError: <tmp>/x.pt has sha256 <sha256>, expected another"
+    assert error_message(boom, width=20) == "ValueError: " + str(tmp_path)[:7] + "…"
+    with pytest.raises(AssertionError, match="raised no exception"):
+        error_message(lambda: None)
