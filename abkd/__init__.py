@@ -1,4 +1,4 @@
 __version__ = "0.1.0"
-from .divergence import mask_from_labels
+from .divergence import align_next_token, mask_from_labels
 from .core import ABDivergence, ab_divergence, ab_divergence_from_hidden
 from .losses import available, get_loss

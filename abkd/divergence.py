@@ -13,8 +13,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['NAMED_POINTS', 'REDUCTIONS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed', 'student_zero_allowed',
            'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'as_real',
-           'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'all_finite',
-           'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence',
+           'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'align_next_token',
+           'all_finite', 'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence',
            'ab_divergence_reference', 'named_points_table', 'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
@@ -204,10 +204,36 @@ def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS: raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
+def _check_labels(labels, name: str = "labels") -> None:
+    if not isinstance(labels, Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got {labels.dtype}; "
+                        f"convert with {name}.long() if the values are ids, or pass a bool mask= directly")
+
 def mask_from_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
-    "Boolean mask over positions: True where `labels != ignore_index` (the Hugging Face convention)."
-    if not isinstance(labels, Tensor): raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    "Boolean mask over positions: True where `labels != ignore_index` (the Hugging Face convention); integer labels only."
+    _check_labels(labels)
     return labels != ignore_index
+
+def align_next_token(*logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, ...]:
+    """Next-token alignment of causal-LM outputs: position i predicts token i + 1.
+
+    Given logits [B, L, V] (any number: student, teacher, ...) and labels [B, L] as a Hugging Face model takes them
+    (`labels = input_ids` with prompt/padding set to `ignore_index`), returns `(*logits[:, :-1], labels[:, 1:], mask)`
+    with `mask = labels[:, 1:] != ignore_index`, ready for `ab_divergence(s, t, alpha, beta, mask=mask)`.
+    Passing the unshifted logits instead compares every position with the wrong token's mask."""
+    _check_labels(labels)
+    if not logits: raise TypeError("align_next_token needs at least one logits tensor before labels=")
+    if labels.ndim < 1 or labels.shape[-1] < 2:
+        raise ValueError(f"labels must be [..., L] with L >= 2 positions to shift, got shape {tuple(labels.shape)}")
+    for k, x in enumerate(logits):
+        if not isinstance(x, Tensor): raise TypeError(f"logits[{k}] must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(f"logits[{k}] has shape {tuple(x.shape)} but labels {tuple(labels.shape)}: the logits must be "
+                             "[*labels.shape, V], unshifted (as the model returns them); align_next_token shifts both")
+    lab = labels[..., 1:]
+    return (*(x[..., :-1, :] for x in logits), lab, lab != ignore_index)
+
 
 # %% ../nbs/00_divergence.ipynb #d231260f
 def _first_index(flags: Tensor, shape) -> tuple:

@@ -575,3 +575,28 @@ def test_prop_shift_invariance(st_pair, a, b, cs, ct):
     d = ab(s, t, a, b, reduction="none")
     d2 = ab(s + cs, t + ct, a, b, reduction="none")
     torch.testing.assert_close(d2, d, rtol=1e-8, atol=1e-10 * _scale(s, t, a, b).max().item())
+
+
+def test_align_next_token_shifts_logits_and_labels_together():
+    from abkd import align_next_token
+    logits, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5)); labels[0, :3] = -100
+    s, t, lab, mask = align_next_token(logits, teacher, labels=labels)
+    assert torch.equal(s, logits[:, :-1]) and torch.equal(t, teacher[:, :-1]) and torch.equal(lab, labels[:, 1:])
+    assert torch.equal(mask, labels[:, 1:] != -100) and int(mask.sum()) == 8 - 2
+
+
+@pytest.mark.parametrize("labels, logits, match", [
+    (torch.zeros(2, 5), torch.randn(2, 5, 7), "integer token ids"),
+    (torch.zeros(2, 5, dtype=torch.long), torch.randn(2, 4, 7), r"\[\*labels.shape, V\]"),
+    (torch.zeros(2, 1, dtype=torch.long), torch.randn(2, 1, 7), "L >= 2"),
+])
+def test_align_next_token_bad_inputs(labels, logits, match):
+    from abkd import align_next_token
+    with pytest.raises((TypeError, ValueError), match=match): align_next_token(logits, labels=labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.complex64])
+def test_mask_from_labels_refuses_non_integer_labels(dtype):
+    with pytest.raises(TypeError, match="labels must hold integer token ids"):
+        abkd.mask_from_labels(torch.zeros(3, dtype=dtype))
