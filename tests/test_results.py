@@ -1,8 +1,10 @@
-"""Tests of abkd.results: records (write, read, validate), published tables, aggregation and rendering."""
+"""Tests of abkd.results: records (write, read, validate), published tables (the ABKD paper's checked against the
+transcription in paper_tables.md), aggregation and rendering."""
 import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,11 @@ import torch
 
 from abkd import results as R
 from abkd.results import (SCALES, aggregate, by_scale, cite_published, environment_info, error_message,
-                          format_mean_std, load_records, pair_label, published, published_number, published_tables,
-                          records_to_table, render_table, save_record, write_markdown)
+                          format_mean_std, load_published, load_records, pair_label, paper_hyperparameter_tables,
+                          paper_hyperparameters, paper_markdown, paper_number, paper_parts, paper_settings,
+                          paper_source, paper_std, paper_table, paper_tables, published, published_number,
+                          published_tables, records_to_table, render_table, save_record, training_fact,
+                          training_facts, write_markdown)
 
 
 @dataclasses.dataclass
@@ -344,3 +349,339 @@ def test_error_message_is_one_stable_line(tmp_path):
     assert error_message(boom, width=20) == "ValueError: " + str(tmp_path)[:7] + "…"
     with pytest.raises(AssertionError, match="raised no exception"):
         error_message(lambda: None)
+
+
+# --- the ABKD paper's own tables --------------------------------------------------------------------------------
+# The JSON was transcribed from the proceedings text; paper_tables.md is a second, independent transcription of the
+# same tables (the reference of record). Parsing it here and comparing every number checks one against the other.
+
+PAPER_TABLES_MD = [Path(__file__).resolve().parent / "data" / "paper_tables.md"]   # the reference's copy
+NUM = r"-?\d*\.\d+"
+CELL = re.compile(rf"({NUM})(?:\s*\(\+?({NUM})\))?")
+
+
+@pytest.fixture(scope="module")
+def md():
+    "paper_tables.md as {section heading: [lines]}."
+    found = [p for p in PAPER_TABLES_MD if p.exists()]
+    assert found, f"paper_tables.md (the transcription of record) not found; looked in {[str(p) for p in PAPER_TABLES_MD]}"
+    sections, cur = {}, None
+    for line in found[0].read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "): cur = line[3:]; sections[cur] = []
+        elif cur and line.strip(): sections[cur].append(line)
+    return sections
+
+
+def _section(md, prefix):
+    hits = [k for k in md if k.startswith(prefix + " ") or k == prefix]
+    assert len(hits) == 1, (prefix, list(md))
+    return hits[0], md[hits[0]]
+
+
+def _row(text):
+    "'LABEL  1.0(0.1) 2.0(0.2) ...' -> (label, [(mean, std or None), ...]) as strings."
+    m = re.match(rf"\s*(.*?)\s+(?={NUM})", text)
+    return m.group(1).strip(), CELL.findall(text[m.end():])
+
+
+class Compared:
+    "Collects every (table, part, row, column) compared, to check afterwards that the JSON holds nothing else."
+    def __init__(self): self.cells = set()
+
+    def check(self, label, part, row, cols, cells, std=True):
+        t = paper_table(label, part)
+        assert len(cells) == len(cols), (label, part, row, cells)
+        for col, (mean, sd) in zip(cols, cells):
+            assert paper_number(label, row, col, part) == float(mean), (label, part, row, col)
+            assert published_number(t, row, col) == mean, (label, part, row, col)          # the paper's decimals
+            if std: assert published_number(t, row, col, with_std=True) == (f"{mean} ({sd})" if sd else mean)
+            self.cells.add((label, part, row, col))
+
+    def assert_complete(self, label, skip_parts=()):
+        "Every cell of the JSON table (all blocks) was compared."
+        parts = paper_parts(label) or [None]
+        held = {(label, p, r, c) for p in parts if p not in skip_parts
+                for r, cells in paper_table(label, p)["rows"].items() for c in cells}
+        assert held == {x for x in self.cells if x[0] == label and x[1] not in skip_parts}, sorted(held ^ self.cells)[:5]
+
+
+LLM = ["Dolly", "SelfInst", "Vicuna", "S-NI", "UnNI"]
+MODEL = {"W40-2": "wrn_40_2", "W16-2": "wrn_16_2", "W40-1": "wrn_40_1", "r32x4": "resnet32x4", "r8x4": "resnet8x4",
+         "vgg13": "vgg13", "vgg8": "vgg8"}
+DATASET = {"Avg11": "Average (11 datasets)", "Caltech": "Caltech101", "Pets": "OxfordPets", "Cars": "StanfordCars",
+           "Flowers": "Flowers102", "Food": "Food101", "Aircraft": "FGVCAircraft", "UCF": "UCF101", "SUN": "SUN397"}
+
+
+def _model(abbrev):
+    return MODEL.get(abbrev) or re.sub(r"^r(\d+)$", r"resnet\1", abbrev)
+
+
+def test_every_paper_table_is_held_with_its_source_label():
+    assert paper_tables() == ["2", "3/10", "8", "9", "11", "12", "13", "14", "15", "16", "Fig. 5"]
+    assert paper_hyperparameter_tables() == ["4", "6", "7", "13"]
+    for label in paper_tables():
+        t = published(paper_table(label, (paper_parts(label) or [None])[0])["id"])
+        assert t["source"] == paper_source(label)
+    assert paper_source("2") == "ABKD paper (ICML 2025), Table 2"
+    assert paper_source("3/10") == "ABKD paper (ICML 2025), Tables 3 and 10"
+    assert paper_source("Fig. 5") == "ABKD paper (ICML 2025), Fig. 5"
+    assert paper_parts(2) == ["GPT-2 (0.1B)", "GPT-2 Medium (0.3B)", "GPT-2 Large (0.8B)"]
+    assert paper_parts(9) == ["GPT-2 Medium (0.3B)", "GPT-2 Large (0.8B)", "GPT-2 XL (1.5B)"]
+    assert len(paper_parts(16)) == 12 and paper_parts(13) == []
+
+
+def test_existing_tables_unchanged_by_the_paper_tables():
+    g = published("gpt2_rougel")   # the secondary table the LLM experiment still cites
+    assert g["rows"]["DistiLLM"] == {"Dolly": 25.32, "SelfInst": 11.65, "Vicuna": 16.76, "S-NI": 23.52, "UnNI": 25.79}
+    assert published("cifar100_abkd_paper")["rows"] == {} and published("clip_abkd_paper")["rows"] == {}
+
+
+def test_llm_tables_equal_the_transcription(md):
+    seen = Compared()
+    _, lines = _section(md, "Table 2")
+    part = None
+    for line in lines:
+        if line.startswith("-- "): part = line.split("->")[1].strip(); continue
+        label, cells = _row(line)
+        if label == "GPT-2 XL (Teacher)":                                    # shared by the three blocks
+            for p in paper_parts(2): seen.check("2", p, "Teacher", LLM, cells)
+        else: seen.check("2", part, label, LLM, cells)
+    seen.assert_complete("2")
+    _, lines = _section(md, "Table 3 / Table 10")
+    rename = {"alpha-div": "α-divergence", "beta-div": "β-divergence", "AB-div": "α-β-divergence"}
+    for line in lines:
+        label, cells = _row(line.split("(Tab.10)")[0])
+        seen.check("3/10", None, rename.get(label, label), LLM, cells)
+    seen.assert_complete("3/10")
+    _, lines = _section(md, "Table 8")
+    rename = {"Fixed+Ours": "Fixed + Ours", "On-policy+Ours": "On-policy + Ours", "Mixed+Ours": "Mixed + Ours",
+              "AdaptiveOff+Ours": "Adaptive Off-policy + Ours"}
+    for line in lines:
+        label, cells = _row(line)
+        seen.check("8", None, rename.get(label, label), LLM, cells, std=False)   # the transcription has no std here
+    seen.assert_complete("8")
+    _, lines = _section(md, "Table 9")
+    for line in lines:
+        teacher, rest = line.split(":", 1)
+        part = "GPT-2 " + teacher.replace("(", " (")
+        for row, chunk in zip(["FKLD", "RKLD", "α-β-divergence"], rest.split("|")):
+            seen.check("9", part, row, LLM, CELL.findall(chunk), std=False)
+    seen.assert_complete("9", skip_parts=["GPT-2 XL (1.5B)"])                   # checked against Table 3 below
+    for row in ["FKLD", "RKLD", "α-β-divergence"]:
+        for c in LLM:
+            assert paper_number(9, row, c, "GPT-2 XL (1.5B)") == paper_number("3/10", row, c)
+            assert paper_std(9, row, c, "GPT-2 XL (1.5B)") == paper_std("3/10", row, c)
+    for name, prefix, cols in [("11", "Table 11", LLM),
+                               ("12", "Table 12", ["GSM8K", "MATH", "GaoKao 2023 En", "OlympiadBench", "CollegeMath", "Avg"])]:
+        _, lines = _section(md, prefix)
+        for chunk in " | ".join(lines).split("|"):
+            label, cells = _row(chunk)
+            seen.check(name, None, label, cols, cells, std=False)
+        seen.assert_complete(name)
+
+
+def test_llm_tables_agree_with_each_other():
+    "The paper repeats rows across tables; the JSON holds each as printed, so the repeats must agree."
+    for c in LLM:
+        assert paper_number(2, "ABKD", c, "GPT-2 (0.1B)") == paper_number("3/10", "α-β-divergence", c) \
+               == paper_number(8, "Fixed + Ours", c)
+        assert paper_std(2, "ABKD", c, "GPT-2 (0.1B)") == paper_std(8, "Fixed + Ours", c)
+        assert paper_number(2, "KD", c, "GPT-2 (0.1B)") == paper_number("3/10", "FKLD", c)
+        # Table 8's "Prior SOTA" is, per column, the best baseline of Table 2's GPT-2 (0.1B) block, std included
+        block = paper_table(2, "GPT-2 (0.1B)")["rows"]
+        best = max((r for r in block if r not in ("Teacher", "ABKD")), key=lambda r: block[r][c])
+        assert paper_number(8, "Prior SOTA", c) == paper_number(2, best, c, "GPT-2 (0.1B)")
+        assert paper_std(8, "Prior SOTA", c) == paper_std(2, best, c, "GPT-2 (0.1B)")
+    assert all(paper_std(11, r, c) is not None for r in paper_table(11)["rows"] for c in LLM)
+    assert paper_std(12, "ABKD", "GSM8K") is None
+
+
+def test_cifar_tables_equal_the_transcription(md):
+    seen = Compared()
+    head, lines = _section(md, "Table 13")
+    student, acc = re.search(r"student (\w+) = (" + NUM + ")", head).groups()
+    a, b = re.search(rf"alpha=({NUM}) beta=({NUM})", head).groups()
+    for line in lines:
+        teacher, *chunks = [x.strip() for x in line.split("|")]
+        name, t_acc = teacher.split()
+        p = pair_label(name, student)
+        cells = [(acc, ""), (t_acc, "")] + [CELL.findall(ch)[0] for ch in chunks]
+        seen.check("13", None, p, ["Student", "Teacher", "FKLD", "RKLD", "α-β-divergence"], cells)
+        assert paper_hyperparameters(13, p) == (float(a), float(b))
+    seen.assert_complete("13")
+    _, lines = _section(md, "Table 14")
+    t = paper_table(14)
+    (row,) = t["rows"]
+    assert row == pair_label("ResNet50", "vgg8")
+    for part in lines[0].split(";"):
+        (base, v0), (ab, v1) = re.findall(rf"(\w+) ({NUM})", part)
+        gain = re.search(rf"\(\+({NUM})\)", part).group(1)
+        seen.check("14", None, row, [base, ab], [(v0, ""), (v1, "")])
+        assert round(paper_number(14, row, ab) - paper_number(14, row, base), 2) == float(gain)   # the printed gain
+    seen.assert_complete("14")
+    head, lines = _section(md, "Table 15")
+    betas = ["-0.1", "-0.3", "-0.5"]
+    assert "beta = " + ", ".join(betas) in lines[0]
+    for chunk in lines[0].split("(beta")[0].split(";"):
+        alpha, vals = chunk.split(":")
+        seen.check("15", None, alpha.strip().removeprefix("a="), betas, CELL.findall(vals))
+    seen.assert_complete("15")
+    fig = paper_table("Fig. 5")
+    assert list(fig["rows"]) == [p for p, _ in paper_settings(4)][::4]              # the same 8 pairs, same order
+    assert {v for r in fig["rows"].values() for v in r.values()} == {"Fig. 5 only"}
+    assert len(fig["rows"]) * len(fig["columns"]) == 64 and fig["markers"] == ["Fig. 5 only"]
+
+
+def test_table16_equals_the_transcription(md):
+    seen = Compared()
+    _, lines = _section(md, "Table 16")
+    rows = {"T": "Teacher", "PSRC": "PromptSRC", "Ours": "ABKD"}
+    for line in lines:
+        name, rest = line.split(":", 1)
+        for chunk in rest.split("|"):
+            label, cells = _row(chunk)
+            seen.check("16", DATASET.get(name, name), rows.get(label, label), ["Base", "Novel", "HM"], cells)
+    seen.assert_complete("16")
+    assert len(seen.cells) == 12 * 9 * 3
+    # the average block is the mean of the 11 datasets for the rows the paper ran itself: the mean of the printed
+    # (rounded) values and the printed (rounded) mean each lie within 0.005 of the exact mean
+    for row in ["Teacher", "KD", "DKD", "LSD", "ABKD"]:
+        for c in ["Base", "Novel", "HM"]:
+            mean = sum(paper_number(16, row, c, d) for d in paper_parts(16)[1:]) / 11
+            assert abs(mean - paper_number(16, row, c, "Average (11 datasets)")) <= 0.01 + 1e-9, (row, c)
+
+
+def test_hyperparameter_tables_equal_the_transcription(md):
+    _, lines = _section(md, "Table 4")
+    pairs = [pair_label(*map(_model, p.strip().split(">"))) for p in _section(md, "Table 4")[0].split("pairs:")[1].split(",")]
+    assert len(pairs) == 8
+    expected = {}
+    for line in lines:
+        method, rest = line.split(":")
+        for p, (a, b) in zip(pairs, re.findall(rf"\(({NUM}),({NUM})\)", rest), strict=True):
+            expected[(p, method.strip())] = (float(a), float(b))
+    assert len(expected) == 32 and paper_settings(4) == expected
+    assert all(paper_hyperparameters(4, p, m) == ab for (p, m), ab in expected.items())
+    head, _ = _section(md, "Table 6")
+    found = re.findall(rf"(\w+) ({NUM})/({NUM})", head.split(":", 1)[1])
+    expected = {(DATASET.get(d, d),): (float(a), float(b)) for d, a, b in found}
+    assert len(expected) == 11 and paper_settings(6) == expected
+    head, _ = _section(md, "Table 7")
+    a, b = re.search(rf"alpha=({NUM}) beta=({NUM})", head).groups()
+    assert paper_settings(7) == {(c,): (float(a), float(b)) for c in LLM}
+    assert sum(len(paper_settings(t)) for t in paper_hyperparameter_tables()) == 32 + 11 + 5 + 4
+
+
+def test_training_facts_carry_their_sources():
+    assert training_fact("cifar100", "kd_weight") == 32
+    kd = training_facts("cifar100")["kd_weight"]
+    assert kd["source"] == "ABKD paper (ICML 2025), App. I.2.3" and kd["official"]["value"] == 64
+    assert training_fact("base_to_new", "lr") == 0.005 and training_facts("base_to_new")["lr"]["official"]["value"] == 1e-4
+    assert training_fact("base_to_new", "kd_weight_grid") == [100, 200, 300, 500, 1000, 2000, 3000]
+    assert training_fact("instruction_following", "lr_grid") == [5e-4, 1e-4, 5e-5]
+    assert training_fact("instruction_following", "ce_weight") == 0
+    assert training_fact("cifar100_ablsd", "temperature") == 2
+    assert "official code" in training_facts("cifar100")["temperature"]["source"]   # the paper states no T
+    for setting in ("cifar100", "cifar100_ablsd", "base_to_new", "instruction_following"):
+        for f in training_facts(setting).values():
+            assert f["source"].startswith(("ABKD paper (ICML 2025), ", "official code ghwang-s/abkd"))
+    facts = training_facts("cifar100"); facts.clear()
+    assert training_facts("cifar100")                                              # callers get copies
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: paper_table(5), "no table 5 here; known tables: 2, 3/10, 8, 9, 11, 12, 13, 14, 15, 16, Fig. 5"),
+    (lambda: paper_table(2), "Table 2 has one block per student: pass part= one of GPT-2 (0.1B), GPT-2 Medium"),
+    (lambda: paper_table(2, "GPT-2 XL"), "(got 'GPT-2 XL')"),
+    (lambda: paper_table(13, "resnet20"), "Table 13 is one block"),
+    (lambda: paper_number(16, "ABKD", "top5", "DTD"), "Table 16 (dataset DTD) does not report 'top5'; its columns: Base, Novel, HM"),
+    (lambda: paper_number(12, "GKD", "MATH"), "Table 12 has no row 'GKD'; its rows: Teacher, Student, SeqKD, KD, ABKD"),
+    (lambda: paper_number("Fig. 5", pair_label("vgg13", "vgg8"), "ABKD"), "prints no number for (vgg13 → vgg8, ABKD): the cell is marked 'Fig. 5 only'"),
+    (lambda: paper_std(13, pair_label("resnet8", "resnet20"), "FKLD"), "Table 13 has no row 'resnet8 → resnet20'"),
+    (lambda: paper_hyperparameters(4, pair_label("resnet56", "resnet8"), "ABKD"), "Table 4 has no pair 'resnet56 → resnet8'; known pairs: wrn_40_2 → wrn_16_2"),
+    (lambda: paper_hyperparameters(4, pair_label("resnet56", "resnet20"), "abkd"), "no method 'abkd' for pair 'resnet56 → resnet20'; known methods: ABKD, ABDKD, ABLSD, ABTTM"),
+    (lambda: paper_hyperparameters(6, "CIFAR10"), "Table 6 has no dataset 'CIFAR10'; known datasets: ImageNet, Caltech101"),
+    (lambda: paper_hyperparameters(7, "Alpaca"), "Table 7 has no dataset 'Alpaca'; known datasets: Dolly, SelfInst, Vicuna, S-NI, UnNI"),
+    (lambda: paper_hyperparameters(13, pair_label("resnet56", "resnet8")), "Table 13 has no pair 'resnet56 → resnet8'; known pairs: resnet32 → resnet20"),
+    (lambda: paper_hyperparameters(4, "resnet56 → resnet20"), "Table 4 is looked up by (pair, method), got 1 key(s)"),
+    (lambda: paper_hyperparameters(16, "DTD"), "no α, β table 16 here; known tables: 4, 6, 7, 13"),
+    (lambda: training_facts("imagenet"), "no training facts for 'imagenet'; known settings: cifar100, cifar100_ablsd, base_to_new"),
+    (lambda: training_fact("cifar100", "warmup"), "no fact 'warmup' for 'cifar100'; known facts: batch_size"),
+])
+def test_reader_errors_list_what_exists(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value)
+
+
+def test_paper_table_flattens_one_block_and_renders_as_printed():
+    t = paper_table(2, "GPT-2 Medium (0.3B)")
+    assert list(t["rows"])[0] == "Teacher" and len(t["rows"]) == 8 and t["part"] == "GPT-2 Medium (0.3B)"
+    assert t["source"] == "ABKD paper (ICML 2025), Table 2"
+    assert paper_number(2, "Teacher", "UnNI", "GPT-2 Large (0.8B)") == 29.05
+    assert paper_std(2, "Teacher", "UnNI", "GPT-2 Large (0.8B)") == 0.14
+    assert paper_table("3")["id"] == paper_table(10)["id"] == paper_table("abkd_table3_10")["id"] == "abkd_table3_10"
+    lines = paper_markdown(13).splitlines()
+    assert lines[0] == "| teacher → student | Student | Teacher | FKLD | RKLD | α-β-divergence |"
+    assert "| resnet56 → resnet20 | 69.06 | 72.34 | 70.66 (0.24) | 71.43 (0.16) | 71.79 (0.16) |" in lines
+    assert "Source: ABKD paper (ICML 2025), Table 13." in paper_markdown(13)
+    assert "| 1.2 | 70.81 | 71.10 | 70.35 |" in paper_markdown(15)
+    assert "| Teacher | 95.5 | 82.8 | 66.8 | 38.5 | 37.7 | 64.3 |" in paper_markdown(12)     # one decimal, as printed
+    p = pair_label("resnet56", "resnet20")
+    md_ = render_table([p], ["ABKD"], {p: {"ABKD": [71.0]}}, paper_table("Fig. 5"))
+    assert f"| {p} | 71.00 (n=1) | Fig. 5 only [1] |" in md_ and "ABKD paper (ICML 2025), Fig. 5" in md_
+    paper_table(13)["rows"].clear()
+    assert len(paper_table(13)["rows"]) == 4                                          # callers get copies
+
+
+def _corrupted(tmp_path, change):
+    data = json.loads((Path(R.__file__).parent / "data" / "published.json").read_text(encoding="utf-8"))
+    change(data)
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["tables"]["abkd_table14"]["rows"]["ResNet50 → vgg8"].update(KD="73.81"),
+     "tables.abkd_table14.rows.ResNet50 → vgg8.KD: '73.81' is neither a finite number nor one of the table's markers []"),
+    (lambda d: d["tables"]["abkd_table13"]["rows"]["resnet32 → resnet20"].update(KL=1.0),
+     "tables.abkd_table13.rows.resnet32 → resnet20: columns ['KL'] are not among the table's columns"),
+    (lambda d: d["tables"]["abkd_table8"]["std"].update(GKD={"Dolly": 0.1}),
+     "tables.abkd_table8.std.GKD: row 'GKD' has a std but no values"),
+    (lambda d: d["tables"]["abkd_table2"]["parts"]["GPT-2 (0.1B)"]["std"]["KD"].update(Dolly=-0.37),
+     "tables.abkd_table2.parts.GPT-2 (0.1B).std.KD.Dolly: -0.37 is not a non-negative number"),
+    (lambda d: d["tables"]["abkd_table2"]["parts"]["GPT-2 (0.1B)"]["rows"].update(Teacher={"Dolly": 1.0}),
+     "tables.abkd_table2.parts.GPT-2 (0.1B): rows ['Teacher'] are also shared rows of the table"),
+    (lambda d: d["tables"]["abkd_table9"].pop("part_name"), "tables.abkd_table9: parts and part_name go together"),
+    (lambda d: d["tables"]["abkd_table16"].update(source="ABKD paper, Table 16"),
+     "tables.abkd_table16.source: 'ABKD paper, Table 16' should be 'ABKD paper (ICML 2025), Table 16'"),
+    (lambda d: d["tables"]["abkd_table12"].pop("source"), "tables.abkd_table12: missing keys ['source']"),
+    (lambda d: d["tables"]["abkd_table12"].update(stds={}), "tables.abkd_table12: unknown keys ['stds']"),
+    (lambda d: d["tables"]["abkd_table12"].update(decimals="1"), "tables.abkd_table12.decimals: must be of type int, got str"),
+    (lambda d: d["tables"]["abkd_table15"]["rows"]["1.2"].update({"-0.1": float("nan")}), "is neither a finite number"),
+    (lambda d: d["tables"]["abkd_fig5"].update(markers=[]), "'Fig. 5 only' is neither a finite number nor one of"),
+    (lambda d: d["tables"]["abkd_table11"].update(paper_table="2"), "tables.abkd_table11.source"),
+    (lambda d: d["hyperparameters"]["table6"]["settings"].update(DTD=[1.0]),
+     "hyperparameters.table6.settings.DTD: [1.0] is not a pair [alpha, beta] of numbers"),
+    (lambda d: d["hyperparameters"]["table4"]["settings"]["vgg13 → vgg8"].update(ABKD=["0.9", 0.2]),
+     "hyperparameters.table4.settings.vgg13 → vgg8.ABKD: ['0.9', 0.2] is not a pair"),
+    (lambda d: d["hyperparameters"]["table7"].update(settings={"Dolly": [0.2, 0.7]}),
+     "hyperparameters.table7.settings: {'Dolly': [0.2, 0.7]} is not a pair"),
+    (lambda d: d["training"]["cifar100"]["facts"]["lr"].pop("source"), "training.cifar100.facts.lr: missing keys ['source']"),
+    (lambda d: d.update(schema_version=2), "schema_version: 2 unsupported"),
+])
+def test_schema_is_checked_on_load(tmp_path, change, message):
+    path = _corrupted(tmp_path, change)
+    with pytest.raises(ValueError) as e:
+        load_published(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_schema_check_passes_the_packaged_file_and_names_bad_json(tmp_path):
+    assert load_published()["tables"].keys() == set(published_tables())
+    assert load_published(_corrupted(tmp_path, lambda d: None))["schema_version"] == 1   # an unchanged copy loads
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"tables": ')
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+        load_published(bad)
