@@ -114,16 +114,23 @@ class ABDivergence(torch.nn.Module):
         return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
                 f"impl={self.impl!r}")
 
-def ab_divergence_from_hidden(student_hidden: Tensor, student_weight: Tensor,
-                              teacher: Union[Tensor, tuple[Tensor, Tensor]], alpha: float, beta: float, *,
-                              temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",
-                              chunk_tokens: Optional[int] = None, impl: str = "auto") -> Tensor:
-    """D_AB(p‖q) with q = softmax(student_hidden @ student_weightᵀ / T) and p from `teacher` (logits [..., V], or
-    (teacher_hidden, teacher_weight)), reduced over positions, without materializing the [N, V] logits.
+def ab_divergence_from_hidden(student_hidden: Tensor,
+                              student_head: Union[Tensor, torch.nn.Module, Callable[[Tensor], Tensor]],
+                              teacher: Union[Tensor, tuple[Tensor, Union[Tensor, torch.nn.Module, Callable]]],
+                              alpha: float, beta: float, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
+                              reduction: str = "mean", chunk_tokens: Optional[int] = None,
+                              impl: str = "auto") -> Tensor:
+    """D_AB(p‖q) with q = softmax(student_head(student_hidden) / T) and p from `teacher` (logits [..., V], or
+    (teacher_hidden, teacher_head)), reduced over positions, without materializing the [N, V] logits.
 
-    Same value and gradients as `ab_divergence(student_hidden @ student_weight.T, teacher_logits, ...)`; `impl`
-    picks the per-row function of each token chunk as in `ab_divergence`."""
+    Same value and gradients as `ab_divergence(student_head(student_hidden), teacher_logits, ...)`; `impl` picks the
+    per-row function of each token chunk as in `ab_divergence`. A head is a [V, H] weight (plain matmuls; a bare
+    weight ignores a bias, LoRA/PEFT adapters, a logit scale and softcapping), or an `nn.Module` / callable
+    hidden [C, H] -> logits [C, V] (e.g. `model.get_output_embeddings()` of a PEFT model, or
+    `lambda h: cap * torch.tanh(lm_head(h) / cap)`), whose trainable tensors get their gradients. Under
+    `torch.autocast` the heads run in the region as a Linear would, the divergence in float32, and the gradients
+    come back in the tensors' own dtypes. Details: `abkd.kernels.fused_linear.fused_linear_divergence`."""
     device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")
-    return fused_linear_divergence(student_hidden, student_weight, teacher, alpha, beta,
+    return fused_linear_divergence(student_hidden, student_head, teacher, alpha, beta,
                                    rows=implementation(impl, device).rows, temperature=temperature, mask=mask,
                                    reduction=reduction, chunk_tokens=chunk_tokens)
