@@ -1,12 +1,14 @@
 """The LLM trainer: token normalisation under gradient accumulation, exact resume, student-generated outputs,
-selection, and bad inputs — on tiny random GPT-2s."""
+selection (or none without a validation set), the subsampled monitor with vocabulary mapping, the fused loss, and
+bad inputs — on tiny random GPT-2s."""
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from abkd.llm.train import (LLMTrainConfig, ReplayBuffer, fit_llm, make_kd_loss, micro_batch_loss, prompt_lengths,
-                            update_gen_prob)
+from abkd.llm.train import (LLMTrainConfig, ReplayBuffer, fit_llm, fused_micro_batch_loss, make_kd_loss,
+                            micro_batch_loss, monitor_rows, monitor_stats, output_head, prompt_lengths, update_gen_prob)
+from abkd.mass_concentration import concentration_stats
 
 
 def gpt(seed, layers=2):
@@ -111,3 +113,184 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
                 kd_loss=NaNLoss())
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------ validation set, monitor, fused loss
+def test_no_validation_set_keeps_the_last_epoch(tmp_path):
+    cfg = LLMTrainConfig(epochs=2, micro_batch_size=8, lr=3e-3, monitor_every=0)
+    res = fit_llm(cfg, gpt(0), rows(16, 0), None, collate, tmp_path, teacher=gpt(1, 3), progress=False)
+    assert res["selection"] == "last epoch (no validation set)"
+    assert res["best"]["epoch"] == 2 and res["finished"]
+    assert [e["val_loss"] for e in res["epochs"]] == [None, None]
+    kept = GPT2LMHeadModel.from_pretrained(tmp_path / "best").state_dict()
+    last = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(kept[k], last[k]) for k in kept)
+    with_val = fit_llm(cfg, gpt(0), rows(16, 0), rows(4, 1), collate, tmp_path / "v", teacher=gpt(1, 3),
+                       progress=False)
+    assert with_val["selection"] == "lowest validation loss after an epoch"
+    assert all(isinstance(e["val_loss"], float) for e in with_val["epochs"])
+
+
+def test_empty_or_unusable_data_refused_before_any_work(tmp_path):
+    cfg = LLMTrainConfig(epochs=1, micro_batch_size=4, monitor_every=0)
+    with pytest.raises(ValueError, match=r"val_set is empty.*val_set=None to train without selection"):
+        fit_llm(cfg, gpt(0), rows(4, 0), [], collate, tmp_path / "a", teacher=gpt(1), progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="train_set is empty"):
+        fit_llm(cfg, gpt(0), [], rows(2, 1), collate, tmp_path / "b", teacher=gpt(1), progress=False)
+    adaptive = LLMTrainConfig(epochs=1, micro_batch_size=4, student_gen="adaptive")
+    with pytest.raises(ValueError, match="needs a val_set.*student_gen='mixed'"):
+        fit_llm(adaptive, gpt(0), rows(4, 0), None, collate, tmp_path / "c", teacher=gpt(1), progress=False)
+    unsupervised = [dict(r, labels=torch.full_like(r["labels"], -100)) for r in rows(2, 1)]
+    with pytest.raises(ValueError, match="no supervised token.*val_set=None"):
+        fit_llm(cfg, gpt(0), rows(4, 0), unsupervised, collate, tmp_path / "d", teacher=gpt(1), progress=False)
+    with pytest.raises(ValueError, match="kd_loss is not used with fused_loss=True"):
+        fit_llm(LLMTrainConfig(fused_loss=True), gpt(0), rows(4, 0), None, collate, tmp_path / "e", teacher=gpt(1),
+                progress=False, kd_loss=make_kd_loss(LLMTrainConfig()))
+
+
+def _stats(d):
+    return {k: v for k, v in d.items() if k not in ("rows", "supervised")}
+
+
+def _direct_stats(s_rows, t_rows):
+    return concentration_stats(s_rows, t_rows, alpha=0.2, beta=0.7)
+
+
+def test_monitor_with_vocab_policy(tmp_path):
+    """A teacher with 4 more ids: the monitor maps the rows as the loss does (pad: the student's extra ids at −inf;
+    truncate: the teacher's extra ids dropped), and a run with the monitor on at every step works."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 9, 40, generator=g), torch.randn(2, 9, 40, generator=g)
+    t_big = torch.cat([t, torch.full((2, 9, 4), -30.0)], -1)
+    lab = torch.randint(0, 40, (2, 9), generator=g); lab[:, :3] = -100
+    sup = lab[:, 1:] != -100
+    sr, tr = s[:, :-1][sup], t_big[:, :-1][sup]
+    for policy, (es, et) in {"pad": (torch.cat([sr, torch.full((sr.shape[0], 4), float("-inf"))], -1), tr),
+                             "truncate": (sr, tr[:, :40])}.items():
+        cfg = LLMTrainConfig(monitor_rows=64, loss_params=dict(alpha=0.2, beta=0.7, vocab_policy=policy))
+        got = monitor_stats(cfg, s, lab, t_big)
+        assert _stats(got) == _direct_stats(es, et)
+        assert (got["rows"], got["supervised"]) == (int(sup.sum()), int(sup.sum()))
+    with pytest.raises(ValueError, match="vocab_policy='truncate' would drop"):   # the loss's own mass check
+        monitor_stats(LLMTrainConfig(loss_params=dict(alpha=0.2, beta=0.7, vocab_policy="truncate")), s, lab,
+                      torch.cat([t, torch.zeros(2, 9, 4)], -1))
+    wide = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=44, n_positions=48,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    cfg = LLMTrainConfig(epochs=1, micro_batch_size=4, monitor_every=1,
+                         loss_params=dict(alpha=0.2, beta=0.7, vocab_policy="pad"))
+    res = fit_llm(cfg, gpt(0), rows(8, 0), rows(2, 1), collate, tmp_path, teacher=wide, progress=False)
+    mons = [h["monitor"] for h in res["history"] if "monitor" in h]
+    assert len(mons) == 2 and all(torch.isfinite(torch.tensor(list(m.values()), dtype=torch.float64)).all()
+                                  for m in mons)
+
+
+def test_monitor_subsamples_supervised_positions():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 30, 40, generator=g), torch.randn(4, 30, 40, generator=g)
+    lab = torch.randint(0, 40, (4, 30), generator=g); lab[:, :5] = -100; lab[2, 20:] = -100
+    mask = lab[:, 1:] != -100
+    n_sup = int(mask.sum())
+    assert n_sup > 12
+    a, a2, b = monitor_rows(mask, 12, 5), monitor_rows(mask, 12, 5), monitor_rows(mask, 12, 6)
+    assert a.shape == (12, 2) and torch.equal(a, a2) and not torch.equal(a, b)
+    flat = a[:, 0] * mask.shape[1] + a[:, 1]
+    assert bool((flat.diff() > 0).all()) and bool(mask[a[:, 0], a[:, 1]].all())     # distinct, in order, supervised
+    cfg = LLMTrainConfig(monitor_rows=12)
+    got = monitor_stats(cfg, s, lab, t, seed=5)
+    assert (got["rows"], got["supervised"]) == (12, n_sup)
+    assert got == monitor_stats(cfg, s, lab, t, seed=5)
+    assert _stats(got) == _direct_stats(s[:, :-1][a[:, 0], a[:, 1]], t[:, :-1][a[:, 0], a[:, 1]])
+    every = monitor_stats(LLMTrainConfig(monitor_rows=n_sup), s, lab, t)          # not more: all, in order
+    assert every["rows"] == n_sup and _stats(every) == _direct_stats(s[:, :-1][mask], t[:, :-1][mask])
+    assert torch.equal(monitor_rows(mask, n_sup + 1, 0), mask.nonzero())
+
+
+def test_fused_loss_equals_materialized(tmp_path):
+    student, teacher = gpt(0), gpt(1, 3)
+    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone(); labels[:, :4] = -100; labels[2:, 9:] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    cfg = LLMTrainConfig(fused_loss=True, loss_params=dict(alpha=0.3, beta=0.6, temperature=1.5))
+    kd = make_kd_loss(cfg)
+    with torch.no_grad(): t_logits = teacher(ids).logits
+    def loss_and_grad(fused):
+        student.zero_grad()
+        if fused:
+            out = student(ids, output_hidden_states=True, logits_to_keep=1)
+            loss = fused_micro_batch_loss(cfg, out.hidden_states[-1], output_head(student), labels, n, t_logits, kd)
+        else:
+            loss = micro_batch_loss(cfg, student(ids).logits, labels, n, t_logits, kd)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])
+    (lf, gf), (lm, gm) = loss_and_grad(True), loss_and_grad(False)
+    torch.testing.assert_close(lf, lm, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gf, gm, rtol=0, atol=1e-5 * gm.abs().max().item())
+    # the same through fit_llm: the losses, validation losses and monitor statistics agree
+    run = dict(epochs=1, micro_batch_size=4, lr=3e-3, monitor_every=1, monitor_rows=4)
+    train, val = rows(8, 0), rows(4, 1)
+    a = fit_llm(LLMTrainConfig(**run), gpt(0), train, val, collate, tmp_path / "m", teacher=gpt(1, 3), progress=False)
+    b = fit_llm(LLMTrainConfig(**run, fused_loss=True), gpt(0), train, val, collate, tmp_path / "f",
+                teacher=gpt(1, 3), progress=False)
+    assert a["epochs"][0]["train_loss"] == pytest.approx(b["epochs"][0]["train_loss"], rel=1e-5)
+    assert a["epochs"][0]["val_loss"] == pytest.approx(b["epochs"][0]["val_loss"], rel=1e-5)
+    ma, mb = ([h["monitor"] for h in r["history"] if "monitor" in h] for r in (a, b))
+    assert len(ma) == len(mb) == 2
+    for x, y in zip(ma, mb):
+        assert x.keys() == y.keys() and x["rows"] == 4
+        assert all(x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6) for k in x)
+
+
+class ScaledLogitsGPT2(GPT2LMHeadModel):
+    "A GPT-2 that scales its logits after the head (as logit_scale or softcapping models do)."
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 2.0 * out.logits
+        return out
+
+
+def test_fused_loss_refuses_what_the_head_weight_does_not_carry(tmp_path):
+    cfg = LLMTrainConfig(epochs=1, micro_batch_size=4, fused_loss=True)
+    student = gpt(0)
+    student.lm_head = torch.nn.Linear(32, 40, bias=True)           # a bias: logits != hidden @ weightᵀ
+    with pytest.raises(ValueError, match="output layer is an nn.Linear with a bias.*set fused_loss=False"):
+        fit_llm(cfg, student, rows(4, 0), None, collate, tmp_path / "a", teacher=gpt(1), progress=False)
+    scaled = ScaledLogitsGPT2(gpt(0).config)
+    with pytest.raises(ValueError, match="differ from its output head.*set fused_loss=False"):
+        fit_llm(cfg, scaled, rows(4, 0), None, collate, tmp_path / "b", teacher=gpt(1), progress=False)
+
+
+BAD_CONFIGS = [
+    (dict(mode="rl"), "mode"), (dict(loss="mse"), "loss"), (dict(epochs=0), "epochs"), (dict(epochs=-2), "epochs"),
+    (dict(micro_batch_size=0), "micro_batch_size"), (dict(micro_batch_size=2.5), "micro_batch_size"),
+    (dict(grad_accum=0), "grad_accum"), (dict(grad_accum=True), "grad_accum"), (dict(lr=0), "lr"),
+    (dict(lr=-1e-3), "lr"), (dict(lr=float("inf")), "lr"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(warmup_steps=-1), "warmup_steps"), (dict(max_grad_norm=-1.0), "max_grad_norm"), (dict(seed=-1), "seed"),
+    (dict(seed="10"), "seed"), (dict(lm_weight=-0.5), "lm_weight"), (dict(lm_weight=float("nan")), "lm_weight"),
+    (dict(student_gen="always"), "student_gen"), (dict(student_gen_ratio=1.5), "student_gen_ratio"),
+    (dict(student_gen_step=-0.1), "student_gen_step"), (dict(replay_size=0), "replay_size"),
+    (dict(teacher_dtype="fp8"), "teacher_dtype"), (dict(monitor_every=-1), "monitor_every"),
+    (dict(monitor_rows=0), "monitor_rows"), (dict(monitor_rows=-4), "monitor_rows"),
+    (dict(fused_loss="yes"), "fused_loss"), (dict(loss_params=(0.2, 0.7)), "loss_params"),
+    (dict(loss_params=dict(alpha=0.2, beta=0.7, reduction="mean")), "loss_params"),
+    (dict(loss_params=dict(alpha=0.2)), "loss_params"), (dict(loss_params=dict(alpha=0.2, beta=0.7, gamma=1)), "loss_params"),
+    (dict(loss_params=dict(alpha=0.2, beta=0.7, vocab_policy="clip")), "loss_params"),
+    (dict(fused_loss=True, loss="fkl", loss_params={}), "fused_loss=False"),
+    (dict(fused_loss=True, mode="sft"), "fused_loss=False"), (dict(fused_loss=True, lm_weight=0.5), "lm_weight"),
+    (dict(fused_loss=True, loss_params=dict(alpha=0.2, beta=0.7, vocab_policy="pad")), "vocab_policy"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD_CONFIGS, ids=[repr(k) for k, _ in BAD_CONFIGS])
+def test_bad_config_values_name_the_field(kwargs, name):
+    with pytest.raises(ValueError) as e:
+        LLMTrainConfig(**kwargs)
+    msg = str(e.value)
+    assert name in msg
+    assert any(w in msg for w in ("must be", "needs", "unknown", "remove", "set ")), msg   # says what to pass
+
+
+def test_good_config_values_accepted():
+    LLMTrainConfig(max_grad_norm=None, warmup_steps=0, monitor_every=0, lm_weight=0, lr=1, seed=0)
+    LLMTrainConfig(mode="sft", loss_params={})                     # sft does not build the loss
+    LLMTrainConfig(fused_loss=True, loss_params=dict(alpha=0.2, beta=0.7, temperature=2.0, vocab_policy="error"))
