@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
-from .divergence import apply_divergence, check_ab_logit_values, check_hyperparameters, check_reduction
+from .divergence import apply_divergence, check_ab_logit_values, check_flag, check_hyperparameters, check_reduction
 from .gradients import ABDivergenceFunction
 from .kernels.torch_chunked import ab_divergence_chunked
 from .kernels.fused_linear import fused_linear_divergence
@@ -83,11 +83,19 @@ def core_rows(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta
 
 def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
                   temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",
-                  impl: str = "auto") -> Tensor:
-    """α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim.
+                  impl: str = "auto", teacher_grad: bool = False) -> Tensor:
+    """α-β divergence D_AB(p‖q), p = softmax(teacher_logits/T), q = softmax(student_logits/T), over the last dim
+    (no T² factor): Σ_k [(α+β)·p^α q^β − β·p^{α+β} − α·q^{α+β}] / (αβ(α+β)) per position, its limits elsewhere.
 
-    `impl`: 'auto' (Triton on CUDA when installed, else 'chunked'), 'triton', 'chunked', or 'reference' (the
-    closed form of notebooks 00–01); see `IMPLEMENTATIONS`. All give the same values and gradients."""
+    Logits [..., V] (student first; any leading dims; float16/bfloat16/float32/float64, computed in float32 or
+    float64; finite or −inf where a token is excluded). `mask`: bool over the leading dims, True = kept
+    (`mask_from_labels`, `align_next_token`). `reduction`: 'none' (one value per position, 0 where masked), 'sum',
+    'mean' (over kept positions), 'batchmean' (sum ÷ leading dim 0). An empty batch or an all-False mask gives 0.
+    The teacher is a constant: `teacher_logits` that require a gradient are refused (compute them under
+    `torch.no_grad()` or pass `.detach()`); `teacher_grad=True` differentiates through the teacher on purpose.
+    `impl`: 'auto' (Triton on CUDA when installed and its self-check passes, else 'chunked'), 'triton', 'chunked',
+    or 'reference' (the closed form of notebooks 00–01); see `IMPLEMENTATIONS`. All give the same values and
+    gradients."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
     device = student_logits.device if isinstance(student_logits, Tensor) else torch.device("cpu")
     chosen = implementation(impl, device)                  # (type errors are reported by apply_divergence)
@@ -96,20 +104,21 @@ def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, 
     else:
         def per_row(s, t): return chosen.rows(s, t, alpha, beta, temperature)
     return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
-                            native_mask=chosen.row_mask, check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
+                            native_mask=chosen.row_mask, teacher_grad=teacher_grad,
+                            check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
 
 class ABDivergence(torch.nn.Module):
     "`ab_divergence` as a module: `ABDivergence(alpha, beta)(student_logits, teacher_logits, mask=None)`."
     def __init__(self, alpha: float, beta: float, temperature: float = 1.0, reduction: str = "mean",
-                 impl: str = "auto"):
+                 impl: str = "auto", teacher_grad: bool = False):
         super().__init__()
         self.alpha, self.beta, self.temperature = check_hyperparameters(alpha, beta, temperature)
         self.reduction = check_reduction(reduction)
         if impl not in IMPLS: raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.impl = impl
+        self.impl, self.teacher_grad = impl, check_flag(teacher_grad, "teacher_grad")
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return ab_divergence(student_logits, teacher_logits, self.alpha, self.beta, temperature=self.temperature,
-                             mask=mask, reduction=self.reduction, impl=self.impl)
+                             mask=mask, reduction=self.reduction, impl=self.impl, teacher_grad=self.teacher_grad)
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
                 f"impl={self.impl!r}")

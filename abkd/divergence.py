@@ -12,10 +12,11 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['NAMED_POINTS', 'REDUCTIONS', 'psi1', 'exp_dd1', 'exp_dd2', 'ab_terms', 'teacher_zero_allowed', 'student_zero_allowed',
-           'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'as_real',
-           'check_hyperparameters', 'check_logits', 'check_reduction', 'mask_from_labels', 'align_next_token',
-           'all_finite', 'check_logit_values', 'check_ab_logit_values', 'reduce_values', 'apply_divergence',
-           'ab_divergence_reference', 'named_points_table', 'plot_ab_plane']
+           'ab_terms_masked', 'compute_dtype', 'log_probs', 'ab_divergence_rows', 'NamedPoint', 'as_real', 'as_int',
+           'check_flag', 'check_hyperparameters', 'check_logits_tensor', 'check_teacher_grad', 'check_logits',
+           'check_reduction', 'mask_from_labels', 'align_next_token', 'all_finite', 'check_logit_values',
+           'check_ab_logit_values', 'reduce_values', 'apply_divergence', 'ab_divergence_reference',
+           'named_points_table', 'plot_ab_plane']
 
 # %% ../nbs/00_divergence.ipynb #9c4ce8c0
 def _psi_series_threshold(dtype: torch.dtype) -> float:
@@ -158,28 +159,57 @@ def as_real(value, name: str) -> float:
         if value.numel() != 1: raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}; pass a float, e.g. {name}=0.5")
     value = float(value)
-    if not math.isfinite(value): raise ValueError(f"{name} must be finite, got {value}")
+    if not math.isfinite(value): raise ValueError(f"{name} must be finite, got {value}; pass a finite float, e.g. {name}=0.5")
+    return value
+
+def as_int(value, name: str, minimum: Optional[int] = None) -> int:
+    "An integer (not a bool) that is at least `minimum`, as a Python int, or an error naming it."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum: raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+def check_flag(value, name: str) -> bool:
+    "True or False, or an error naming it."
+    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 def check_hyperparameters(alpha, beta, temperature=1.0) -> tuple[float, float, float]:
     "Validate α, β (any finite reals) and T (finite, > 0); return them as floats."
     alpha, beta, temperature = as_real(alpha, "alpha"), as_real(beta, "beta"), as_real(temperature, "temperature")
-    if temperature <= 0: raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature <= 0: raise ValueError(f"temperature must be > 0, got {temperature}; pass e.g. temperature=1.0")
     return alpha, beta, temperature
 
-def _check_logits_tensor(x, name: str):
+def check_logits_tensor(x, name: str) -> None:
+    "A real floating tensor [..., V] with V ≥ 2 that holds data (not on the meta device), or an error naming it."
     if not isinstance(x, Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16 or float64), got {x.dtype}")
+        fix = f"{name}.real.float()" if x.is_complex() else f"{name}.float()"
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16 or float64), got {x.dtype}; "
+                        f"convert with {fix} if the values are logits")
     if x.ndim == 0: raise ValueError(f"{name} must have a vocabulary dimension (last), got a 0-d tensor")
     if x.shape[-1] == 0: raise ValueError(f"{name} has an empty vocabulary dimension (shape {tuple(x.shape)})")
+    if x.shape[-1] == 1:
+        raise ValueError(f"{name} has a vocabulary dimension of size 1 (shape {tuple(x.shape)}): a softmax over one entry "
+                         "is 1 whatever the logits, so the divergence and its gradient would be 0; pass [..., V] logits "
+                         "with V >= 2, the vocabulary last")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values: materialize it first "
+                         "(e.g. model.to_empty(device='cpu') and load the weights) before computing a divergence")
 
-def check_logits(student_logits, teacher_logits, mask=None) -> None:
-    "Check types, shapes, devices and the mask (no data is read)."
-    _check_logits_tensor(student_logits, "student_logits")
-    _check_logits_tensor(teacher_logits, "teacher_logits")
+def check_teacher_grad(teacher_logits: Tensor, teacher_grad: bool = False, name: str = "teacher_logits") -> None:
+    "The teacher-gradient rule: a teacher that requires a gradient (under grad mode) is refused unless teacher_grad=True."
+    if check_flag(teacher_grad, "teacher_grad") or not (torch.is_grad_enabled() and teacher_logits.requires_grad): return
+    raise ValueError(f"{name} requires a gradient (requires_grad=True under grad mode), so the loss would backpropagate "
+                     f"into the teacher: compute the teacher under torch.no_grad() or pass {name}.detach(); pass "
+                     "teacher_grad=True to differentiate through the teacher on purpose")
+
+def check_logits(student_logits, teacher_logits, mask=None, *, teacher_grad: bool = False) -> None:
+    "Check types, shapes, devices, the mask and the teacher-gradient rule (no data is read)."
+    check_logits_tensor(student_logits, "student_logits")
+    check_logits_tensor(teacher_logits, "teacher_logits")
     s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
     if s[-1] != t[-1]:
         raise ValueError(f"student_logits and teacher_logits have different vocabulary sizes: student_logits {s} "
@@ -189,7 +219,8 @@ def check_logits(student_logits, teacher_logits, mask=None) -> None:
                                 f"and teacher_logits {t}")
     if student_logits.device != teacher_logits.device:
         raise ValueError(f"student_logits ({student_logits.device}) and teacher_logits ({teacher_logits.device}) "
-                         "must be on the same device")
+                         "must be on the same device: move one, e.g. teacher_logits.to(student_logits.device)")
+    check_teacher_grad(teacher_logits, teacher_grad)
     if mask is None: return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor over the leading dims {s[:-1]}, got "
@@ -198,7 +229,8 @@ def check_logits(student_logits, teacher_logits, mask=None) -> None:
     if tuple(mask.shape) != s[:-1]:
         raise ValueError(f"mask must have the leading shape of the logits {s[:-1]}, got {tuple(mask.shape)}")
     if mask.device != student_logits.device:
-        raise ValueError(f"mask is on {mask.device} but the logits are on {student_logits.device}")
+        raise ValueError(f"mask is on {mask.device} but the logits are on {student_logits.device}: move it, e.g. "
+                         "mask.to(student_logits.device)")
 
 def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS: raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -292,12 +324,16 @@ def reduce_values(values: Tensor, reduction: str, n_kept: int, leading_shape: tu
 
 def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor, *,
                      mask: Optional[Tensor] = None, reduction: str = "mean",
-                     check_values: Optional[Callable[[Tensor, Tensor], None]] = None, native_mask: bool = False) -> Tensor:
+                     check_values: Optional[Callable[[Tensor, Tensor], None]] = None, native_mask: bool = False,
+                     teacher_grad: bool = False) -> Tensor:
     """Check inputs, run `per_row([N, V] student, [N, V] teacher) -> [N]` on the unmasked positions, reduce.
 
+    Reductions: 'none' (leading shape, masked positions 0), 'sum', 'mean' (over kept positions), 'batchmean' (sum
+    over the first leading dim's size); an empty batch or an all-False mask gives 0 for 'sum', 'mean', 'batchmean'.
+    A teacher that requires a gradient under grad mode is refused unless `teacher_grad=True`.
     With `native_mask=True`, `per_row(s, t, row_mask)` gets all rows and the flat row mask (None: all kept) and
     returns 0 for the masked rows, instead of receiving a gathered copy of the kept rows."""
-    check_logits(student_logits, teacher_logits, mask)
+    check_logits(student_logits, teacher_logits, mask, teacher_grad=teacher_grad)
     reduction = check_reduction(reduction)
     leading, V = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
@@ -316,12 +352,13 @@ def apply_divergence(per_row: Callable[[Tensor, Tensor], Tensor], student_logits
     return reduce_values(values, reduction, n_kept, leading)
 
 def ab_divergence_reference(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
-                            temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+                            temperature: float = 1.0, mask: Optional[Tensor] = None, reduction: str = "mean",
+                            teacher_grad: bool = False) -> Tensor:
     """D_AB(p‖q) = Σ_k r_k²·e[x_k, y_k, z_k], p = softmax(teacher_logits/T), q = softmax(student_logits/T), with the
-    checks, mask and reductions of `abkd.ab_divergence`; differentiated by plain autograd (the yardstick)."""
+    checks, mask, reductions and teacher-gradient rule of `apply_divergence`; differentiated by plain autograd."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
     return apply_divergence(lambda s, t: ab_divergence_rows(s, t, alpha, beta, temperature),
-                            student_logits, teacher_logits, mask=mask, reduction=reduction,
+                            student_logits, teacher_logits, mask=mask, reduction=reduction, teacher_grad=teacher_grad,
                             check_values=lambda s, t: check_ab_logit_values(s, t, alpha, beta))
 
 

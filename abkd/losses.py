@@ -10,17 +10,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 import torch
 from torch import Tensor
-from .divergence import (as_real, apply_divergence, check_hyperparameters, check_logit_values, check_reduction,
-                             compute_dtype, log_probs)
+from .divergence import (as_real, apply_divergence, check_flag, check_hyperparameters, check_logit_values,
+                             check_reduction, compute_dtype, log_probs)
 from .core import ab_divergence, core_rows
 from .mass_concentration import exact_log_mass_ratio
 
 # %% auto #0
 __all__ = ['UNIT', 'OPEN_UNIT', 'SKEW', 'NON_NEGATIVE', 'VOCAB_POLICIES', 'REQUIRED', 'LOSSES', 'check_temperature',
-           'check_interval', 'interval', 'positive', 'row_log_probs', 'kl_rows', 'log_mixture', 'fkl', 'rkl', 'ab',
-           'alpha_divergence', 'js', 'tvd', 'skew_kl', 'sfkl', 'srkl', 'wsd', 'akl_weights', 'akl', 'entropy_rows',
-           'bdkd', 'check_vocab_policy', 'match_vocab', 'signature_defaults', 'apply_checks', 'LossSpec',
-           'LossRegistry', 'available', 'DivergenceLoss', 'get_loss', 'one_step_reallocation', 'reallocation_table']
+           'check_interval', 'interval', 'positive', 'row_log_probs', 'kl_rows', 'log_mixture', 'core_divergence',
+           'fkl', 'rkl', 'ab', 'alpha_divergence', 'js', 'tvd', 'skew_kl', 'sfkl', 'srkl', 'wsd', 'akl_weights', 'akl',
+           'entropy_rows', 'bdkd', 'check_vocab_policy', 'match_vocab', 'signature_defaults', 'apply_checks',
+           'LossSpec', 'LossRegistry', 'available', 'DivergenceLoss', 'get_loss', 'one_step_reallocation',
+           'reallocation_table']
 
 # %% ../nbs/07_losses.ipynb #b44e9f79
 def check_temperature(temperature, name: str = "temperature") -> float:
@@ -66,28 +67,36 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     return torch.logaddexp(la.masked_fill(both, 0.), lb.masked_fill(both, 0.)).masked_fill(both, float("-inf"))
 
 # %% ../nbs/07_losses.ipynb #d164278c
+def core_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
+                    teacher_grad: bool = False, **kwargs) -> Tensor:
+    "`abkd.ab_divergence` with the teacher-gradient rule: teacher_grad=True differentiates through the teacher."
+    if check_flag(teacher_grad, "teacher_grad"): kwargs["teacher_grad"] = True
+    return ab_divergence(student_logits, teacher_logits, alpha, beta, **kwargs)
+
 def fkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
-        reduction: str = "mean") -> Tensor:
+        reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Forward KL, KL(p‖q) = D_AB^(1,0)(p‖q) (the core at α=1, β=0)."
-    return ab_divergence(student_logits, teacher_logits, 1.0, 0.0, temperature=temperature, mask=mask, reduction=reduction)
+    return core_divergence(student_logits, teacher_logits, 1.0, 0.0, temperature=temperature, mask=mask, reduction=reduction,
+                           teacher_grad=teacher_grad)
 
 def rkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
-        reduction: str = "mean") -> Tensor:
+        reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Reverse KL, KL(q‖p) = D_AB^(0,1)(p‖q) (the core at α=0, β=1)."
-    return ab_divergence(student_logits, teacher_logits, 0.0, 1.0, temperature=temperature, mask=mask, reduction=reduction)
+    return core_divergence(student_logits, teacher_logits, 0.0, 1.0, temperature=temperature, mask=mask, reduction=reduction,
+                           teacher_grad=teacher_grad)
 
 def ab(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *, temperature: float = 1.0,
-       mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+       mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "The α-β divergence D_AB^(α,β)(p‖q): `abkd.ab_divergence` under its zoo name."
-    return ab_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature, mask=mask,
-                         reduction=reduction)
+    return core_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature, mask=mask,
+                           reduction=reduction, teacher_grad=teacher_grad)
 
 def alpha_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, *, temperature: float = 1.0,
-                     mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+                     mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Amari's α-divergence (1 − Σ p^α q^(1−α))/(α(1−α)) = D_AB^(α, 1−α)(p‖q)."
     alpha = as_real(alpha, "alpha")
-    return ab_divergence(student_logits, teacher_logits, alpha, 1.0 - alpha, temperature=temperature, mask=mask,
-                         reduction=reduction)
+    return core_divergence(student_logits, teacher_logits, alpha, 1.0 - alpha, temperature=temperature, mask=mask,
+                           reduction=reduction, teacher_grad=teacher_grad)
 
 # %% ../nbs/07_losses.ipynb #a7c15a71
 def _value_rule(name: str, teacher_zero_ok: bool, student_zero_ok: bool, teacher_hint: str = "", student_hint: str = ""):
@@ -97,30 +106,30 @@ def _value_rule(name: str, teacher_zero_ok: bool, student_zero_ok: bool, teacher
                                            student_zero_hint=student_hint)
 
 def js(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, *, temperature: float = 1.0,
-       mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+       mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Generalized Jensen–Shannon β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (β weights the teacher; ½: symmetric)."
     beta, T = OPEN_UNIT(beta, "beta"), check_temperature(temperature)
     def per_row(s, t):
         lp, lq = row_log_probs(s, t, T)
         lm = log_mixture(lp, lq, beta)                             # log m, m = βp + (1−β)q
         return beta * kl_rows(lp, lm) + (1 - beta) * kl_rows(lq, lm)
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, teacher_grad=teacher_grad,
                             check_values=_value_rule("JS", True, True))
 
 # %% ../nbs/07_losses.ipynb #21ec906d
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
-        reduction: str = "mean") -> Tensor:
+        reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Total variation distance ½·Σ|p − q|."
     T = check_temperature(temperature)
     def per_row(s, t):
         lp, lq = row_log_probs(s, t, T)
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)           # ½ Σ |p_k − q_k|
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, teacher_grad=teacher_grad,
                             check_values=_value_rule("TVD", True, True))
 
 # %% ../nbs/07_losses.ipynb #15b17b46
 def skew_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float, *, reverse: bool, temperature: float = 1.0,
-            mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+            mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "KL(a ‖ λa + (1−λ)b) with (a, b) = (p, q), or (q, p) when `reverse`: DistiLLM's skew KL pair."
     lam, T = SKEW(lam, "lam"), check_temperature(temperature)
     def per_row(s, t):
@@ -131,28 +140,29 @@ def skew_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float, *, rever
     hint = f" (lam={lam}: {name} at lam=0 is {limit})"                   # at λ = 0: the −inf rule of KL(a‖b)
     rule = (_value_rule(name, lam > 0, True, teacher_hint=hint) if reverse
             else _value_rule(name, True, lam > 0, student_hint=hint))
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, check_values=rule)
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, check_values=rule,
+                            teacher_grad=teacher_grad)
 
 def sfkl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1, *, temperature: float = 1.0,
-         mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+         mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Skew forward KL, KL(p ‖ λp + (1−λ)q) (DistiLLM)."
     return skew_kl(student_logits, teacher_logits, lam, reverse=False, temperature=temperature, mask=mask,
-                   reduction=reduction)
+                   reduction=reduction, teacher_grad=teacher_grad)
 
 def srkl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1, *, temperature: float = 1.0,
-         mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+         mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Skew reverse KL, KL(q ‖ λq + (1−λ)p) (DistiLLM)."
     return skew_kl(student_logits, teacher_logits, lam, reverse=True, temperature=temperature, mask=mask,
-                   reduction=reduction)
+                   reduction=reduction, teacher_grad=teacher_grad)
 
 # %% ../nbs/07_losses.ipynb #dcf3e0cb
 def wsd(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.5, *, temperature: float = 1.0,
-        mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+        mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Weighted sum (1−λ)·KL(p‖q) + λ·KL(q‖p)."
     lam, T = UNIT(lam, "lam"), check_temperature(temperature)
     terms = [(w, a, b) for w, a, b in ((1 - lam, 1.0, 0.0), (lam, 0.0, 1.0)) if w > 0]   # (1−λ)·KL(p‖q), λ·KL(q‖p)
     def per_row(s, t): return sum(w * core_rows(s, t, a, b, T) for w, a, b in terms)   # a zero weight: no term
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, teacher_grad=teacher_grad,
                             check_values=_value_rule("WSD", lam == 0, lam == 1,
                                                      teacher_hint=f" through its reverse-KL term (lam={lam})",
                                                      student_hint=f" through its forward-KL term (1 - lam={1 - lam})"))
@@ -172,14 +182,14 @@ def akl_weights(log_p: Tensor, log_q: Tensor, mu: float = 0.5) -> tuple[Tensor, 
         return w_head, 1 - w_head
 
 def akl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5, *, temperature: float = 1.0,
-        mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+        mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Adaptive KL: w_head·KL(p‖q) + w_tail·KL(q‖p), weights from the head/tail gaps at teacher mass μ (detached)."
     mu, T = UNIT(mu, "mu"), check_temperature(temperature)
     def per_row(s, t):
         w_head, w_tail = akl_weights(*row_log_probs(s, t, T), mu)
         return (w_head * core_rows(s, t, 1.0, 0.0, T)       # head gap weights forward KL
                 + w_tail * core_rows(s, t, 0.0, 1.0, T))    # tail gap weights reverse KL
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, teacher_grad=teacher_grad,
                             check_values=_value_rule("AKL (a weighted sum of forward and reverse KL)", False, False))
 
 # %% ../nbs/07_losses.ipynb #7d9cbff6
@@ -189,7 +199,7 @@ def entropy_rows(log_prob: Tensor) -> Tensor:
     return -torch.where(prob > 0, prob * log_prob, torch.zeros_like(prob)).sum(-1)
 
 def bdkd(student_logits: Tensor, teacher_logits: Tensor, weight: float = 3.0, *, temperature: float = 1.0,
-         mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+         mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Entropy-weighted bidirectional KL w_F·KL(p‖q) + w_R·KL(q‖p): `weight` on the side whose first argument has more entropy."
     gamma, T = positive(weight, "weight"), check_temperature(temperature)
     def per_row(s, t):
@@ -199,7 +209,7 @@ def bdkd(student_logits: Tensor, teacher_logits: Tensor, weight: float = 3.0, *,
             w_f = torch.where(h_p > h_q, big, one)                            # teacher more uncertain → weight FKL
             w_r = torch.where(h_q > h_p, big, one)                            # student more uncertain → weight RKL
         return w_f * core_rows(s, t, 1.0, 0.0, T) + w_r * core_rows(s, t, 0.0, 1.0, T)
-    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction,
+    return apply_divergence(per_row, student_logits, teacher_logits, mask=mask, reduction=reduction, teacher_grad=teacher_grad,
                             check_values=_value_rule("BDKD (a weighted sum of forward and reverse KL)", False, False))
 
 # %% ../nbs/07_losses.ipynb #4e87f608
@@ -337,8 +347,8 @@ LOSSES = LossRegistry((
     LossSpec("bdkd", bdkd, "entropy-weighted bidirectional KL",
              "w_F KL(p‖q) + w_R KL(q‖p), weight γ on the direction whose first argument has the larger entropy",
              "ABKD LLM code `bdkd` (no paper found)", checks=dict(weight=positive), neg_inf="error | error"),
-), kind="loss", getter="get_loss", call_args=("student_logits", "teacher_logits", "temperature", "mask", "reduction"),
-   module_params=("temperature", "reduction", "vocab_policy", "vocab_tolerance"))
+), kind="loss", getter="get_loss", call_args=("student_logits", "teacher_logits", "temperature", "mask", "reduction", "teacher_grad"),
+   module_params=("temperature", "reduction", "vocab_policy", "vocab_tolerance", "teacher_grad"))
 
 def available() -> dict[str, str]:
     "The loss names with one-line descriptions."
@@ -347,19 +357,21 @@ def available() -> dict[str, str]:
 class DivergenceLoss(torch.nn.Module):
     "A zoo loss as a module: `DivergenceLoss(name, **hyper)(student_logits, teacher_logits, mask=None)`."
     def __init__(self, name: str, *, temperature: float = 1.0, reduction: str = "mean", vocab_policy: str = "error",
-                 vocab_tolerance: float = 1e-3, **hyper):
+                 vocab_tolerance: float = 1e-3, teacher_grad: bool = False, **hyper):
         super().__init__()
         self.spec = LOSSES.spec(name)
         self.hyper = LOSSES.hyperparameters(name, hyper)
         self.temperature, self.reduction = check_temperature(temperature), check_reduction(reduction)
         self.vocab_policy = check_vocab_policy(vocab_policy)
         self.vocab_tolerance = check_interval(vocab_tolerance, "vocab_tolerance", 0.0, 1.0)
+        self.teacher_grad = check_flag(teacher_grad, "teacher_grad")   # False: a teacher requiring a gradient is refused
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         s, t = match_vocab(student_logits, teacher_logits, self.vocab_policy, tolerance=self.vocab_tolerance,
                            temperature=self.temperature, mask=mask)
         try:
-            return self.spec.fn(s, t, **self.hyper, temperature=self.temperature, mask=mask, reduction=self.reduction)
+            return self.spec.fn(s, t, **self.hyper, temperature=self.temperature, mask=mask, reduction=self.reduction,
+                                teacher_grad=self.teacher_grad)
         except ValueError as e:
             if s is student_logits and t is teacher_logits: raise
             raise ValueError(f"{e} (after vocab_policy={self.vocab_policy!r} matched the vocabularies: "
@@ -371,7 +383,7 @@ class DivergenceLoss(torch.nn.Module):
                 f"reduction={self.reduction!r}, vocab_policy={self.vocab_policy!r}")
 
 def get_loss(name: str, **params) -> DivergenceLoss:
-    "The zoo loss `name` as an nn.Module; params: its hyperparameters, temperature, reduction, vocab_policy, vocab_tolerance."
+    "The zoo loss `name` as an nn.Module; params: its hyperparameters, temperature, reduction, vocab_policy, vocab_tolerance, teacher_grad."
     return DivergenceLoss(name, **params)
 
 # %% ../nbs/07_losses.ipynb #339945ce

@@ -8,29 +8,44 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .divergence import as_real, check_hyperparameters, check_reduction, compute_dtype, log_probs, reduce_values
-from .core import ab_divergence
-from .losses import LossRegistry, LossSpec, NON_NEGATIVE, apply_checks, check_temperature, positive
+from .divergence import (as_real, check_flag, check_hyperparameters, check_reduction, check_teacher_grad,
+                             compute_dtype, log_probs, reduce_values)
+from .losses import (LossRegistry, LossSpec, NON_NEGATIVE, apply_checks, check_temperature, core_divergence,
+                         positive)
 
 # %% auto #0
 __all__ = ['DKD_CHECKS', 'TEMPERATURE', 'VISION_LOSSES', 'check_class_logits', 'check_labels', 'kd_term', 'kd_loss', 'abkd_loss',
-           'warmup_factor', 'dkd_parts', 'flag', 'dkd_loss', 'abdkd_loss', 'zscore', 'lsd_loss', 'ablsd_loss',
+           'warmup_factor', 'dkd_parts', 'dkd_loss', 'abdkd_loss', 'zscore', 'lsd_loss', 'ablsd_loss',
            'power_transform_logits', 'ttm_loss', 'abttm_loss', 'wttm_loss', 'available', 'VisionLoss',
            'get_vision_loss']
 
 # %% ../nbs/08_vision_losses.ipynb #6b81c91e
-def check_class_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    "Both logits are finite floating [B, C] tensors of one shape with C ≥ 2."
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+def check_class_logits(student_logits: Tensor, teacher_logits: Tensor, teacher_grad: bool = False) -> None:
+    "Both logits are finite floating [B, C] tensors of one shape and device with C ≥ 2; the teacher-gradient rule."
+    pair = (("student_logits", student_logits), ("teacher_logits", teacher_logits))
+    for name, x in pair:
         if not isinstance(x, Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point(): raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}; convert with {name}.float() if the "
+                            "values are logits")
         if x.ndim != 2: raise ValueError(f"{name} must be [batch, classes], got shape {tuple(x.shape)}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
                          "must have the same shape [batch, classes]")
-    if student_logits.shape[1] < 2: raise ValueError(f"need at least 2 classes, got {student_logits.shape[1]}")
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not bool(torch.isfinite(x).all()): raise ValueError(f"{name} must be finite (NaN or ±inf found)")
+    if student_logits.shape[1] < 2:
+        raise ValueError(f"student_logits and teacher_logits need at least 2 classes, got shape "
+                         f"{tuple(student_logits.shape)}: pass [batch, classes] logits, classes last")
+    for name, x in pair:
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds shapes but no values: materialize the model "
+                             "(e.g. model.to_empty(device='cpu') and load the weights) first")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits ({student_logits.device}) and teacher_logits ({teacher_logits.device}) must be "
+                         "on the same device: move one, e.g. teacher_logits.to(student_logits.device)")
+    check_teacher_grad(teacher_logits, teacher_grad)
+    for name, x in pair:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite (NaN or ±inf found); class logits have no masked class")
 
 def check_labels(labels, student_logits: Tensor) -> Tensor:
     "Labels: an integer tensor [B] of class indices in [0, C)."
@@ -40,29 +55,32 @@ def check_labels(labels, student_logits: Tensor) -> Tensor:
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if tuple(labels.shape) != (B,): raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
+    if labels.device != student_logits.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits on {student_logits.device}: move it, e.g. "
+                         "labels.to(student_logits.device)")
     if B and not (0 <= int(labels.min()) and int(labels.max()) < C):
         raise ValueError(f"labels must be in [0, {C}), got values in [{int(labels.min())}, {int(labels.max())}]")
     return labels.long()
 
 # %% ../nbs/08_vision_losses.ipynb #0a51bb2d
 def kd_term(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float,
-            reduction: str = "mean") -> Tensor:
+            reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "T²·D_AB^(α,β)(softmax(t/T) ‖ softmax(s/T)) through the core (the KD family's term)."
-    return temperature ** 2 * ab_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature,
-                                            reduction=reduction)
+    return temperature ** 2 * core_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature,
+                                              reduction=reduction, teacher_grad=teacher_grad)
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 4.0,
-            reduction: str = "mean") -> Tensor:
+            reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Hinton's KD term T²·KL(p^T‖q^T) (labels unused)."
-    check_class_logits(student_logits, teacher_logits)
-    return kd_term(student_logits, teacher_logits, 1.0, 0.0, check_temperature(temperature), reduction)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
+    return kd_term(student_logits, teacher_logits, 1.0, 0.0, check_temperature(temperature), reduction, teacher_grad)
 
 def abkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, alpha: float, beta: float,
-              temperature: float = 4.0, reduction: str = "mean") -> Tensor:
+              temperature: float = 4.0, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "ABKD's term T²·D_AB^(α,β)(p^T‖q^T) (labels unused)."
-    check_class_logits(student_logits, teacher_logits)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
-    return kd_term(student_logits, teacher_logits, alpha, beta, temperature, reduction)
+    return kd_term(student_logits, teacher_logits, alpha, beta, temperature, reduction, teacher_grad)
 
 # %% ../nbs/08_vision_losses.ipynb #4124ffde
 def warmup_factor(epoch: Optional[float], warmup: float) -> float:
@@ -77,43 +95,42 @@ def _binary_log_probs(logits: Tensor, labels: Tensor, target: Tensor, temperatur
                       lpi.masked_fill(target, float("-inf")).logsumexp(1, keepdim=True)], dim=1)  # log Σ_{k≠y} π_k
 
 def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float = 1.0, beta: float = 0.0,
-              temperature: float = 4.0, ab_tckd: bool = True, reduction: str = "mean") -> tuple[Tensor, Tensor]:
+              temperature: float = 4.0, ab_tckd: bool = True, reduction: str = "mean",
+              teacher_grad: bool = False) -> tuple[Tensor, Tensor]:
     "(TCKD, NCKD) with D_AB^(α,β) (KL at (1, 0)), each times T²; TCKD stays a KL when ab_tckd is False."
-    check_class_logits(student_logits, teacher_logits)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
     labels = check_labels(labels, student_logits)
     T, dtype = temperature, compute_dtype(student_logits, teacher_logits)
     target = F.one_hot(labels, student_logits.shape[1]).bool()
     a, b = (alpha, beta) if ab_tckd else (1.0, 0.0)
-    tckd = T ** 2 * ab_divergence(_binary_log_probs(student_logits, labels, target, T, dtype),
-                                  _binary_log_probs(teacher_logits, labels, target, T, dtype), a, b, reduction=reduction)
+    tckd = T ** 2 * core_divergence(_binary_log_probs(student_logits, labels, target, T, dtype),
+                                    _binary_log_probs(teacher_logits, labels, target, T, dtype), a, b, reduction=reduction,
+                                    teacher_grad=teacher_grad)
     ninf = float("-inf")                                            # target excluded on both sides
     nckd = kd_term(student_logits.masked_fill(target, ninf), teacher_logits.masked_fill(target, ninf), alpha, beta, T,
-                   reduction)
+                   reduction, teacher_grad)
     return tckd, nckd
-
-def flag(value, name: str) -> bool:
-    "True or False, or an error naming it."
-    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
 
 DKD_CHECKS = dict(tckd_weight=NON_NEGATIVE, nckd_weight=NON_NEGATIVE, temperature=check_temperature, warmup=NON_NEGATIVE)
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, tckd_weight: float = 1.0,
              nckd_weight: float = 8.0, temperature: float = 4.0, epoch: Optional[float] = None, warmup: float = 20.0,
-             reduction: str = "mean") -> Tensor:
+             reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "DKD: min(epoch/warmup, 1)·(a·TCKD + b·NCKD) with KL (mdistiller CIFAR-100 defaults a=1, b=8, T=4, warmup 20)."
     c = apply_checks(DKD_CHECKS, tckd_weight=tckd_weight, nckd_weight=nckd_weight, temperature=temperature, warmup=warmup)
-    tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, 1.0, 0.0, c["temperature"], reduction=reduction)
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, 1.0, 0.0, c["temperature"], reduction=reduction,
+                           teacher_grad=teacher_grad)
     return warmup_factor(epoch, c["warmup"]) * (c["tckd_weight"] * tckd + c["nckd_weight"] * nckd)
 
 def abdkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, alpha: float, beta: float,
                tckd_weight: float = 1.0, nckd_weight: float = 8.0, temperature: float = 4.0, epoch: Optional[float] = None,
-               warmup: float = 20.0, ab_tckd: bool = True, reduction: str = "mean") -> Tensor:
+               warmup: float = 20.0, ab_tckd: bool = True, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "ABDKD: DKD with D_AB^(α,β) in NCKD and (ab_tckd=True, the paper) in TCKD."
     c = apply_checks(DKD_CHECKS, tckd_weight=tckd_weight, nckd_weight=nckd_weight, temperature=temperature, warmup=warmup)
     alpha, beta, _ = check_hyperparameters(alpha, beta)
-    ab_tckd = flag(ab_tckd, "ab_tckd")
-    tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, alpha, beta, c["temperature"], ab_tckd, reduction)
+    ab_tckd = check_flag(ab_tckd, "ab_tckd")
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, alpha, beta, c["temperature"], ab_tckd, reduction,
+                           teacher_grad)
     return warmup_factor(epoch, c["warmup"]) * (c["tckd_weight"] * tckd + c["nckd_weight"] * nckd)
 
 # %% ../nbs/08_vision_losses.ipynb #5076b571
@@ -123,17 +140,18 @@ def zscore(logits: Tensor, eps: float = 1e-7) -> Tensor:
     return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + eps)
 
 def lsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 2.0,
-             reduction: str = "mean") -> Tensor:
+             reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Logit-standardized KD: T²·KL on z-scored logits (base temperature 2; labels unused)."
-    check_class_logits(student_logits, teacher_logits)
-    return kd_term(zscore(student_logits), zscore(teacher_logits), 1.0, 0.0, check_temperature(temperature), reduction)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
+    return kd_term(zscore(student_logits), zscore(teacher_logits), 1.0, 0.0, check_temperature(temperature), reduction,
+                   teacher_grad)
 
 def ablsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, alpha: float,
-               beta: float, temperature: float = 2.0, reduction: str = "mean") -> Tensor:
+               beta: float, temperature: float = 2.0, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Logit-standardized ABKD: T²·D_AB^(α,β) on z-scored logits (labels unused)."
-    check_class_logits(student_logits, teacher_logits)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)
-    return kd_term(zscore(student_logits), zscore(teacher_logits), alpha, beta, temperature, reduction)
+    return kd_term(zscore(student_logits), zscore(teacher_logits), alpha, beta, temperature, reduction, teacher_grad)
 
 # %% ../nbs/08_vision_losses.ipynb #c0b61ea0
 def power_transform_logits(teacher_logits: Tensor, gamma: float) -> Tensor:
@@ -141,28 +159,28 @@ def power_transform_logits(teacher_logits: Tensor, gamma: float) -> Tensor:
     return gamma * log_probs(teacher_logits, 1.0, compute_dtype(teacher_logits))
 
 def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, gamma: float = 0.1,
-             reduction: str = "mean") -> Tensor:
+             reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "TTM: KL(p^γ/Σp^γ ‖ softmax(s)) (student at temperature 1, no T²; labels unused)."
-    check_class_logits(student_logits, teacher_logits)
-    return ab_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), 1.0, 0.0,
-                         reduction=reduction)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
+    return core_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), 1.0, 0.0,
+                           reduction=reduction, teacher_grad=teacher_grad)
 
 def abttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, alpha: float,
-               beta: float, gamma: float = 0.1, reduction: str = "mean") -> Tensor:
+               beta: float, gamma: float = 0.1, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "ABTTM: D_AB^(α,β)(p^γ/Σp^γ ‖ softmax(s)) (labels unused)."
-    check_class_logits(student_logits, teacher_logits)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
     alpha, beta, _ = check_hyperparameters(alpha, beta)
-    return ab_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), alpha, beta,
-                         reduction=reduction)
+    return core_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), alpha, beta,
+                           reduction=reduction, teacher_grad=teacher_grad)
 
 def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, gamma: float = 0.2,
-              reduction: str = "mean") -> Tensor:
+              reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "WTTM: (Σ_k p_k^γ)·KL(p^γ/Σp^γ ‖ softmax(s)) per sample (labels unused)."
-    check_class_logits(student_logits, teacher_logits)
+    check_class_logits(student_logits, teacher_logits, teacher_grad)
     reduction = check_reduction(reduction)
     teacher = power_transform_logits(teacher_logits, positive(gamma, "gamma"))     # γ log p
     weight = teacher.logsumexp(-1).exp()                                      # Σ_k p_k^γ
-    per_sample = weight * ab_divergence(student_logits, teacher, 1.0, 0.0, reduction="none")
+    per_sample = weight * core_divergence(student_logits, teacher, 1.0, 0.0, reduction="none", teacher_grad=teacher_grad)
     return reduce_values(per_sample, reduction, per_sample.shape[0], tuple(per_sample.shape))
 
 # %% ../nbs/08_vision_losses.ipynb #ab1907a7
@@ -178,7 +196,7 @@ VISION_LOSSES = LossRegistry((
              checks=DKD_CHECKS, recipe=dict(ce_weight=1.0, kd_weight=1.0)),
     LossSpec("abdkd", abdkd_loss, "DKD with the α-β divergence in both terms",
              "min(epoch/warmup, 1)·(a·T² D_AB(b^p‖b^q) + b·T² D_AB(p̂‖q̂))", "Wang et al. ICML 2025",
-             checks=dict(DKD_CHECKS, ab_tckd=flag), recipe=dict(ce_weight=1.0, kd_weight=1.0)),
+             checks=dict(DKD_CHECKS, ab_tckd=check_flag), recipe=dict(ce_weight=1.0, kd_weight=1.0)),
     LossSpec("lsd", lsd_loss, "KD on z-score standardized logits", "T² KL(softmax(Z(t)/T) ‖ softmax(Z(s)/T))",
              "Sun et al. CVPR 2024 (base temperature 2, KD weight 9)", checks=TEMPERATURE,
              recipe=dict(ce_weight=0.1, kd_weight=9.0)),
@@ -192,8 +210,8 @@ VISION_LOSSES = LossRegistry((
     LossSpec("wttm", wttm_loss, "weighted TTM (power-sum sample weights)", "(Σ p^γ)·KL(p^γ/Σp^γ ‖ softmax(s))",
              "Zheng & Yang ICLR 2024 (zkxufo/TTM)", checks=dict(gamma=positive), recipe=dict(ce_weight=1.0, kd_weight=4.0)),
 ), kind="vision loss", getter="get_vision_loss",
-   call_args=("student_logits", "teacher_logits", "labels", "epoch", "reduction"),
-   module_params=("reduction", "ce_weight", "kd_weight"))
+   call_args=("student_logits", "teacher_logits", "labels", "epoch", "reduction", "teacher_grad"),
+   module_params=("reduction", "ce_weight", "kd_weight", "teacher_grad"))
 
 def available() -> dict[str, str]:
     "The vision loss names with one-line descriptions."
@@ -202,7 +220,7 @@ def available() -> dict[str, str]:
 class VisionLoss(torch.nn.Module):
     "A vision loss as a module: `loss(student_logits, teacher_logits, labels, epoch=None)`; `total` adds the weighted CE."
     def __init__(self, name: str, *, reduction: str = "mean", ce_weight: Optional[float] = None,
-                 kd_weight: Optional[float] = None, **hyper):
+                 kd_weight: Optional[float] = None, teacher_grad: bool = False, **hyper):
         super().__init__()
         self.spec = spec = VISION_LOSSES.spec(name)
         self.hyper = VISION_LOSSES.hyperparameters(name, hyper)
@@ -210,15 +228,18 @@ class VisionLoss(torch.nn.Module):
         ce_weight = spec.recipe["ce_weight"] if ce_weight is None else ce_weight
         kd_weight = spec.recipe["kd_weight"] if kd_weight is None else kd_weight
         self.ce_weight, self.kd_weight = NON_NEGATIVE(ce_weight, "ce_weight"), NON_NEGATIVE(kd_weight, "kd_weight")
+        self.teacher_grad = check_flag(teacher_grad, "teacher_grad")   # False: a teacher requiring a gradient is refused
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
                 epoch: Optional[float] = None) -> Tensor:
         extra = dict(epoch=epoch) if self.spec.takes("epoch") else {}
-        return self.spec.fn(student_logits, teacher_logits, labels, **self.hyper, **extra, reduction=self.reduction)
+        return self.spec.fn(student_logits, teacher_logits, labels, **self.hyper, **extra, reduction=self.reduction,
+                            teacher_grad=self.teacher_grad)
 
     def total(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
               epoch: Optional[float] = None) -> Tensor:
         "ce_weight · CE(student_logits, labels) + kd_weight · this loss."
+        check_class_logits(student_logits, teacher_logits, self.teacher_grad)
         labels = check_labels(labels, student_logits)
         ce = F.cross_entropy(student_logits.to(compute_dtype(student_logits)), labels,
                              reduction="mean" if self.reduction == "batchmean" else self.reduction)
@@ -229,5 +250,5 @@ class VisionLoss(torch.nn.Module):
         return f"{self.spec.name!r}, {hyper}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}"
 
 def get_vision_loss(name: str, **params) -> VisionLoss:
-    "The vision loss `name` as an nn.Module; params: its hyperparameters plus reduction, ce_weight, kd_weight."
+    "The vision loss `name` as an nn.Module; params: its hyperparameters plus reduction, ce_weight, kd_weight, teacher_grad."
     return VisionLoss(name, **params)

@@ -67,6 +67,19 @@ def test_train_config_errors():
         TrainConfig("resnet8", epochs=0)
     with pytest.raises(ValueError, match="val_fraction"):
         TrainConfig("resnet8", val_fraction=1.0)
+    # every field is checked when the configuration is written, the loss's parameters included
+    kd = dict(loss="abkd", teacher="resnet32x4")
+    for kw, exc, match in ((dict(kd, loss_params=dict(alpha=0.8, beta=float("nan"))), ValueError, "beta must be finite"),
+                           (dict(kd, loss_params=dict(alpha=0.8)), ValueError, "needs beta"),
+                           (dict(epochs=True), TypeError, "epochs must be an int"),
+                           (dict(lr=float("nan")), ValueError, "lr must be finite"),
+                           (dict(lr=0.0), ValueError, "lr must be > 0"),
+                           (dict(momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
+                           (dict(milestones=(150, "x")), TypeError, "milestones must be a sequence of epoch numbers"),
+                           (dict(amp=1), TypeError, "amp must be True or False")):
+        with pytest.raises(exc, match=match):
+            TrainConfig("resnet8", **kw)
+    assert TrainConfig("resnet8", milestones=[150.0, 180]).milestones == (150, 180)
 
 
 def test_two_process_ddp_run(tmp_path):

@@ -25,6 +25,18 @@ def test_schedule_and_config_errors():
         CLIPTrainConfig(epochs=1, warmup_epochs=1)
     with pytest.raises(ValueError, match="stage"):
         CLIPTrainConfig(stage="sft")
+    # every field is checked when the configuration is written, the loss's parameters included
+    for kw, exc, match in ((dict(method="abkd", loss_params=dict(alpha=0.8)), ValueError, "needs beta"),
+                           (dict(loss_params=dict(temperature=-1.0)), ValueError, "temperature must be > 0"),
+                           (dict(lr=float("nan")), ValueError, "lr must be finite"),
+                           (dict(lr="0.005"), TypeError, "lr must be a real number"),
+                           (dict(kd_weight=-1.0), ValueError, r"kd_weight must be in \[0, inf\]"),
+                           (dict(warmup_epochs=0.5), TypeError, "warmup_epochs must be an int"),
+                           (dict(num_workers=-1), ValueError, "num_workers must be an int >= 0"),
+                           (dict(amp="no"), TypeError, "amp must be True or False")):
+        with pytest.raises(exc, match=match):
+            CLIPTrainConfig(**kw)
+    assert CLIPTrainConfig(stage="teacher", method="not-a-loss").stage == "teacher"   # the teacher stage has no KD loss
 
 
 @pytest.fixture(scope="module")

@@ -600,3 +600,50 @@ def test_align_next_token_bad_inputs(labels, logits, match):
 def test_mask_from_labels_refuses_non_integer_labels(dtype):
     with pytest.raises(TypeError, match="labels must hold integer token ids"):
         abkd.mask_from_labels(torch.zeros(3, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------
+# the teacher-gradient rule, V = 1, meta tensors (the shared plumbing of every divergence)
+# ----------------------------------------------------------------------------------
+def test_teacher_requiring_grad_is_refused_by_default():
+    from abkd.divergence import ab_divergence_reference
+    s, t = randn(3, 9, seed=61), randn(3, 9, seed=62).requires_grad_()
+    with pytest.raises(ValueError, match=r"teacher_logits requires a gradient.*torch\.no_grad\(\).*"
+                                         r"teacher_logits\.detach\(\).*teacher_grad=True"):
+        ab_divergence_reference(s, t, 0.2, 0.7)
+    with torch.no_grad():                                   # nothing is differentiated: accepted
+        assert ab_divergence_reference(s, t, 0.2, 0.7) == ab_divergence_reference(s, t.detach(), 0.2, 0.7)
+    with pytest.raises(TypeError, match="teacher_grad must be True or False"):
+        ab_divergence_reference(s, t, 0.2, 0.7, teacher_grad=1)
+
+
+@pytest.mark.parametrize("a,b,T", [(0.2, 0.7, 1.0), (1, 0, 2.0), (-0.3, 1.2, 1.5)])
+def test_teacher_grad_true_gives_the_reference_teacher_gradient(a, b, T):
+    "teacher_grad=True: the teacher's gradient is the mpmath reference's (central differences, 50 digits)."
+    from abkd.divergence import ab_divergence_reference
+    s, t = randn(2, 6, seed=63), randn(2, 6, seed=64).requires_grad_()
+    ab_divergence_reference(s, t, a, b, temperature=T, reduction="sum", teacher_grad=True).backward()
+    ref = ref_ab_gradient(s.numpy(), t.detach().numpy(), a, b, T, wrt="teacher")
+    np.testing.assert_allclose(t.grad.numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_vocabulary_of_one_and_meta_tensors_are_refused():
+    from abkd.divergence import ab_divergence_reference
+    with pytest.raises(ValueError, match=r"student_logits has a vocabulary dimension of size 1.*V >= 2"):
+        ab_divergence_reference(randn(4, 1), randn(4, 1), 0.2, 0.7)
+    with pytest.raises(ValueError, match=r"teacher_logits is on the meta device"):
+        ab_divergence_reference(randn(4, 3), torch.empty(4, 3, device="meta", dtype=torch.float64), 0.2, 0.7)
+    with pytest.raises(ValueError, match=r"mask is on meta.*mask\.to"):
+        ab_divergence_reference(randn(4, 3), randn(4, 3), 0.2, 0.7, mask=torch.ones(4, dtype=torch.bool, device="meta"))
+
+
+def test_integer_and_flag_checks():
+    from abkd.divergence import as_int, check_flag
+    assert as_int(3, "epochs", 1) == 3 and as_int(np.int64(0), "seed") == 0
+    for bad, exc, match in ((True, TypeError, "epochs must be an int, got bool"), (2.0, TypeError, "must be an int"),
+                            (0, ValueError, r"epochs must be an int >= 1, got 0")):
+        with pytest.raises(exc, match=match):
+            as_int(bad, "epochs", 1)
+    assert check_flag(False, "amp") is False
+    with pytest.raises(TypeError, match="amp must be True or False, got 'yes'"):
+        check_flag("yes", "amp")

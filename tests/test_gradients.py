@@ -26,7 +26,7 @@ def grads(s, t, a, b, reduction="sum", grad_output=None, **kw):
     "(loss, d loss/d student, d loss/d teacher) with both inputs requiring grad"
     s = s.detach().clone().requires_grad_()
     t = t.detach().clone().requires_grad_()
-    out = ab(s, t, a, b, reduction=reduction, **kw)
+    out = ab(s, t, a, b, reduction=reduction, teacher_grad=True, **kw)
     if grad_output is None:
         grad_output = torch.ones_like(out)
     gs, gt = torch.autograd.grad(out, (s, t), grad_output)
@@ -62,7 +62,7 @@ def test_reference_gradient_matches_closed_form(a, b, T):
 def test_gradcheck(a, b):
     s = randn(2, 5, seed=3).requires_grad_()
     t = randn(2, 5, seed=4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, y: ab(x, y, a, b, reduction="none"), (s, t),
+    assert torch.autograd.gradcheck(lambda x, y: ab(x, y, a, b, reduction="none", teacher_grad=True), (s, t),
                                     eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -73,11 +73,11 @@ def test_gradcheck_reductions_masks_temperature(red, a, b):
     t = randn(2, 3, 4, seed=6).requires_grad_()
     mask = torch.tensor([[True, False, True], [True, True, False]])
     assert torch.autograd.gradcheck(
-        lambda x, y: ab(x, y, a, b, temperature=1.7, mask=mask, reduction=red), (s, t),
+        lambda x, y: ab(x, y, a, b, temperature=1.7, mask=mask, reduction=red, teacher_grad=True), (s, t),
         eps=1e-6, atol=1e-6, rtol=1e-5)
     s1 = randn(6, seed=7).requires_grad_()
     t1 = randn(6, seed=8).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, y: ab(x, y, 1.0, 0.0, reduction=red), (s1, t1),
+    assert torch.autograd.gradcheck(lambda x, y: ab(x, y, 1.0, 0.0, reduction=red, teacher_grad=True), (s1, t1),
                                     eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -95,7 +95,7 @@ def test_gradcheck_with_neg_inf_entries():
     def f(xs, xt):
         s = s0.masked_scatter(fin_s, xs)
         t = t0.masked_scatter(fin_t, xt)
-        return ab(s, t, 0.6, 0.5, reduction="none")
+        return ab(s, t, 0.6, 0.5, reduction="none", teacher_grad=True)
 
     assert torch.autograd.gradcheck(f, (xs, xt), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -141,7 +141,7 @@ def test_gradient_only_one_side_requires_grad():
     ab(sg, t, 0.3, 0.6, reduction="sum").backward()
     torch.testing.assert_close(sg.grad, gs_ref, rtol=1e-14, atol=0)
     tg = t.clone().requires_grad_()
-    ab(s, tg, 0.3, 0.6, reduction="sum").backward()
+    ab(s, tg, 0.3, 0.6, reduction="sum", teacher_grad=True).backward()
     torch.testing.assert_close(tg.grad, gt_ref, rtol=1e-14, atol=0)
     # no grad required at all: plain forward works
     assert ab(s, t, 0.3, 0.6).requires_grad is False
@@ -195,7 +195,7 @@ def test_reduction_scaling_of_gradients(a, b):
 def test_gradient_dtype_is_input_dtype(sd, td):
     s = randn(3, 8, seed=23, dtype=sd).requires_grad_()
     t = randn(3, 8, seed=24, dtype=td).requires_grad_()
-    ab(s, t, 0.5, 0.5).backward()
+    ab(s, t, 0.5, 0.5, teacher_grad=True).backward()
     assert s.grad.dtype == sd and t.grad.dtype == td
     assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
 

@@ -226,7 +226,7 @@ def test_low_precision(name, dtype):
 def test_gradcheck(name):
     s, t = randn(2, 3, 6, seed=23).requires_grad_(), randn(2, 3, 6, seed=24).requires_grad_()
     mask = torch.tensor([[True, False, True], [True, True, True]])
-    assert torch.autograd.gradcheck(lambda a, b: fn(name)(a, b, mask=mask, temperature=1.3), (s, t),
+    assert torch.autograd.gradcheck(lambda a, b: fn(name)(a, b, mask=mask, temperature=1.3, teacher_grad=True), (s, t),
                                     eps=1e-6, atol=1e-8, fast_mode=True)
 
 
@@ -236,7 +236,7 @@ def test_gradcheck_masked_vocab():
     t[:, 1] = NINF          # teacher-only: finite for js, sfkl, tvd
     s, t = s.requires_grad_(), t.requires_grad_()
     for name in ("js", "sfkl", "tvd"):
-        assert torch.autograd.gradcheck(lambda a, b: fn(name)(a, b, reduction="sum"), (s, t),
+        assert torch.autograd.gradcheck(lambda a, b: fn(name)(a, b, reduction="sum", teacher_grad=True), (s, t),
                                         eps=1e-6, atol=1e-8, fast_mode=True)
 
 

@@ -173,7 +173,8 @@ def test_low_precision(name, dtype):
 def test_gradcheck(name):
     s, t, y = data(3, 6, seed=13)
     s, t = s.requires_grad_(), t.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: call(name, a, b, y), (s, t), eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: call(name, a, b, y, teacher_grad=True), (s, t), eps=1e-6, atol=1e-7,
+                                    fast_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------

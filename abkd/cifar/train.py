@@ -14,6 +14,8 @@ from torch import nn
 from ..training import (
     Checkpoint, Processes, check_finite, epoch_loader, epochs_to_run, mixed_precision, prepare_teacher, progress_bar,
     progress_line, save_checkpoint)
+from ..divergence import as_int, check_flag
+from ..losses import NON_NEGATIVE, check_interval, positive
 from ..vision_losses import VISION_LOSSES, get_vision_loss
 
 # %% auto #0
@@ -47,16 +49,27 @@ class TrainConfig:
     amp: bool = True                             # bf16 autocast on CUDA (ignored on the CPU)
 
     def __post_init__(self):
+        "Every field checked here, so a bad configuration fails when it is written, not epochs into a run."
+        if not isinstance(self.model, str) or not self.model:
+            raise TypeError(f"model must be a model name (str), got {self.model!r}")
         if self.loss != "ce" and self.loss not in VISION_LOSSES:
             raise ValueError(f"loss must be 'ce' or one of {sorted(VISION_LOSSES)}, got {self.loss!r}")
         if self.loss != "ce" and (self.teacher is None):
             raise ValueError(f"loss {self.loss!r} distills from a teacher: set teacher= (and teacher_checkpoint=)")
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not 0 <= self.val_fraction < 1: raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        self.milestones = tuple(int(m) for m in self.milestones)
+        if not isinstance(self.loss_params, dict):
+            raise TypeError(f"loss_params must be a dict of the loss's hyperparameters, got {type(self.loss_params).__name__}")
+        if self.loss != "ce": make_loss(self)                 # unknown, missing or out-of-range loss_params fail here
+        for name in ("epochs", "batch_size"): as_int(getattr(self, name), name, 1)
+        as_int(self.num_classes, "num_classes", 2); as_int(self.seed, "seed")
+        check_interval(self.val_fraction, "val_fraction", 0, 1, hi_open=True)
+        try: self.milestones = tuple(int(m) for m in self.milestones)
+        except (TypeError, ValueError):
+            raise TypeError(f"milestones must be a sequence of epoch numbers, e.g. (150, 180, 210), got {self.milestones!r}")
         if self.lr is None: self.lr = recipe_lr(self.model)
+        positive(self.lr, "lr"); NON_NEGATIVE(self.weight_decay, "weight_decay")
+        check_interval(self.momentum, "momentum", 0, 1, hi_open=True)
+        check_interval(self.lr_decay, "lr_decay", 0, 1, lo_open=True)
+        check_flag(self.amp, "amp")
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
     def run_id(self) -> str:

@@ -18,6 +18,8 @@ from ..results import save_record
 from ..training import (
     Checkpoint, check_finite, epoch_loader, epochs_to_run, mixed_precision, prepare_teacher, progress_bar,
     resolve_device)
+from ..divergence import as_int, check_flag
+from ..losses import NON_NEGATIVE, check_interval, positive
 from ..vision_losses import VISION_LOSSES, get_vision_loss
 
 # %% auto #0
@@ -46,17 +48,22 @@ class CLIPTrainConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        "Every field checked here, so a bad configuration fails when it is written, not epochs into a run."
         dataset_spec(self.dataset)
         if self.stage not in ("kd", "teacher"): raise ValueError(f"stage must be 'kd' or 'teacher', got {self.stage!r}")
         if self.stage == "kd" and self.method not in VISION_LOSSES:
             raise ValueError(f"method must be one of {sorted(VISION_LOSSES)}, got {self.method!r}")
-        for name in ("epochs", "batch_size", "image_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not 0 <= self.warmup_epochs < self.epochs:
+        if not isinstance(self.loss_params, dict):
+            raise TypeError(f"loss_params must be a dict of the loss's hyperparameters, got {type(self.loss_params).__name__}")
+        if self.stage == "kd": get_vision_loss(self.method, **self.loss_params)   # bad loss_params fail here, not later
+        for name in ("epochs", "batch_size", "image_size"): as_int(getattr(self, name), name, 1)
+        as_int(self.warmup_epochs, "warmup_epochs", 0); as_int(self.seed, "seed"); as_int(self.num_workers, "num_workers", 0)
+        if not self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
-        if self.lr <= 0: raise ValueError(f"lr must be positive, got {self.lr}")
+        positive(self.lr, "lr"); positive(self.warmup_lr, "warmup_lr"); NON_NEGATIVE(self.weight_decay, "weight_decay")
+        check_interval(self.momentum, "momentum", 0, 1, hi_open=True)
+        if self.kd_weight is not None: NON_NEGATIVE(self.kd_weight, "kd_weight")
+        check_flag(self.amp, "amp")
 
     @property
     def weight(self) -> float:
