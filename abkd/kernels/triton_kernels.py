@@ -4,16 +4,26 @@
 
 # %% ../../nbs/04_triton_kernel.ipynb #cd5ddf1f
 from __future__ import annotations
+import contextlib, dataclasses, functools, io, json, math, os, re, subprocess, sys, tempfile, time
+from dataclasses import dataclass
 from typing import Optional
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
-from ..divergence import compute_dtype, student_zero_allowed, teacher_zero_allowed
+import triton.runtime.errors
+from triton.compiler.errors import CompilationError
+from ..divergence import ab_divergence_rows, compute_dtype, student_zero_allowed, teacher_zero_allowed
 from .torch_chunked import PSI_KNOT, ab_plan
 
+# what the compiler rejects (ptxas errors and resource limits surface at the first launch)
+_COMPILE_ERRORS = (CompilationError, *(getattr(triton.runtime.errors, name) for name in ("PTXASError", "OutOfResources")
+                                       if hasattr(triton.runtime.errors, name)))
+
 # %% auto #0
-__all__ = ['BLOCK', 'triton_rows', 'TritonABDivergence', 'ab_divergence_triton']
+__all__ = ['BLOCK', 'F_CAPACITY', 'INPUT_DTYPES', 'GRAD_REQUESTS', 'SELF_CHECK_POINT', 'triton_rows', 'TritonABDivergence',
+           'ab_divergence_triton', 'plan_classes', 'LaunchVariant', 'launch_variant', 'launch_variants',
+           'compile_variant', 'compile_table', 'aot_work', 'self_check_tolerance', 'triton_self_check']
 
 # %% ../../nbs/04_triton_kernel.ipynb #f4164480
 @triton.jit
@@ -34,24 +44,25 @@ def _psi(h, PSI, N_PSI: tl.constexpr, knot, SERIES: tl.constexpr):
     return out
 
 @triton.jit
-def _ratio_mix(s, t, lse_s, lse_t, alpha, beta, inv_t):
-    "r = lq − lp and y = α·lp + β·lq from the logits and the log-partition functions."
-    r = (s - t) * inv_t - (lse_s - lse_t)
-    y = (alpha * t + beta * s) * inv_t - (alpha * lse_t + beta * lse_s)
+def _ratio_mix(z_s, z_t, log_l_s, log_l_t, alpha, beta):
+    "r = lq − lp = (z_s − z_t) − (log l_s − log l_t) and y = α·lp + β·lq, from shifted logits and log-sums."
+    r = (z_s - z_t) - (log_l_s - log_l_t)
+    y = (alpha * z_t + beta * z_s) - (alpha * log_l_t + beta * log_l_s)
     return r, y
 
 @triton.jit
-def _tile(s_row, t_row, cols, inb, lse_s, lse_t, alpha, beta, inv_t, DTYPE: tl.constexpr):
-    "One tile of a row: the −inf flags, the finite-entry flag, r, y, and the log-probabilities (0 where −inf)."
+def _tile(s_row, t_row, cols, inb, m_s, m_t, log_l_s, log_l_t, alpha, beta, inv_t, DTYPE: tl.constexpr):
+    """One tile of a row: the −inf flags, the finite-entry flag, r, y and the log-probabilities lq = z_s − log l_s,
+    lp = z_t − log l_t from the shifted logits z = (x − m)/T (0 where −inf; lanes past V count as −inf on both sides)."""
     NEG_INF: tl.constexpr = float("-inf")
-    s = tl.load(s_row + cols, mask=inb, other=0.0).to(DTYPE)
-    t = tl.load(t_row + cols, mask=inb, other=0.0).to(DTYPE)
+    s = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(DTYPE)
+    t = tl.load(t_row + cols, mask=inb, other=NEG_INF).to(DTYPE)
     s_inf, t_inf = s == NEG_INF, t == NEG_INF
-    fin = (~s_inf) & (~t_inf) & inb
-    r, y = _ratio_mix(tl.where(fin, s, 0.0), tl.where(fin, t, 0.0), lse_s, lse_t, alpha, beta, inv_t)
-    lq = tl.where(s_inf, 0.0, s) * inv_t - lse_s
-    lp = tl.where(t_inf, 0.0, t) * inv_t - lse_t
-    return s_inf, t_inf, fin, r, y, lq, lp
+    fin = (~s_inf) & (~t_inf)
+    z_s = tl.where(s_inf, 0.0, s - m_s) * inv_t          # x − m: exact (Sterbenz) for x near the max
+    z_t = tl.where(t_inf, 0.0, t - m_t) * inv_t
+    r, y = _ratio_mix(z_s, z_t, log_l_s, log_l_t, alpha, beta)
+    return s_inf, t_inf, fin, r, y, z_s - log_l_s, z_t - log_l_t
 
 @triton.jit
 def _terms(r, y, k_lo, gap_up, gap_down, tau, F, N_F: tl.constexpr, PSI, N_PSI: tl.constexpr, knot,
@@ -92,7 +103,7 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
     teacher_only_g, student_only_h = tl.load(P + 10), tl.load(P + 11)
     sigma = alpha + beta
     NEG_INF: tl.constexpr = float("-inf")
-    # pass 1: log-partition functions, one scalar running max per input
+    # pass 1: the row maxima m of the raw logits and l = Σ e^{(x − m)/T}, one scalar running max per input
     m_s = tl.max(tl.full([BLOCK], NEG_INF, DTYPE), 0)
     m_t = m_s
     l_s = tl.sum(tl.zeros([BLOCK], DTYPE), 0)
@@ -100,15 +111,18 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inb = cols < V
-        s = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(DTYPE) * inv_t
-        t = tl.load(t_row + cols, mask=inb, other=NEG_INF).to(DTYPE) * inv_t
+        s = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(DTYPE)
+        t = tl.load(t_row + cols, mask=inb, other=NEG_INF).to(DTYPE)
         new_s = tl.maximum(m_s, tl.max(s, 0))
         new_t = tl.maximum(m_t, tl.max(t, 0))
-        l_s = tl.where(new_s == NEG_INF, 0.0, l_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0))
-        l_t = tl.where(new_t == NEG_INF, 0.0, l_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0))
+        l_s = tl.where(new_s == NEG_INF, 0.0,
+                       l_s * tl.exp((m_s - new_s) * inv_t) + tl.sum(tl.exp((s - new_s) * inv_t), 0))
+        l_t = tl.where(new_t == NEG_INF, 0.0,
+                       l_t * tl.exp((m_t - new_t) * inv_t) + tl.sum(tl.exp((t - new_t) * inv_t), 0))
         m_s, m_t = new_s, new_t
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    # kept apart: log q = (s − m_s)/T − log l_s, never s/T − (m_s/T + log l_s) in one float
+    log_l_s = tl.log(l_s)
+    log_l_t = tl.log(l_t)
     # pass 2: the divergence and the sums of the gradient factors
     total = tl.sum(tl.zeros([BLOCK], DTYPE), 0)
     sum_g = total
@@ -116,21 +130,22 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inb = cols < V
-        s_inf, t_inf, fin, r, y, lq, lp = _tile(s_row, t_row, cols, inb, lse_s, lse_t, alpha, beta, inv_t, DTYPE)
+        s_inf, t_inf, fin, r, y, lq, lp = _tile(s_row, t_row, cols, inb, m_s, m_t, log_l_s, log_l_t,
+                                                alpha, beta, inv_t, DTYPE)
         q_sig = tl.exp(sigma * lq)
         p_sig = tl.exp(sigma * lp)
         term = _terms(r, y, k_lo, gap_up, gap_down, tau, F, N_F, PSI, N_PSI, knot, PSI_SERIES)
         term = tl.where(fin, term, 0.0)
-        term = tl.where(t_inf & (~s_inf) & inb, q_sig * teacher_only_term, term)
-        term = tl.where(s_inf & (~t_inf) & inb, p_sig * student_only_term, term)
+        term = tl.where(t_inf & (~s_inf), q_sig * teacher_only_term, term)
+        term = tl.where(s_inf & (~t_inf), p_sig * student_only_term, term)
         total += tl.sum(term, 0)
         if COMPUTE_GS:
             g = tl.where(fin, _factor(r, y, alpha, PSI, N_PSI, knot), 0.0)
-            g = tl.where(t_inf & (~s_inf) & inb, q_sig * teacher_only_g, g)
+            g = tl.where(t_inf & (~s_inf), q_sig * teacher_only_g, g)
             sum_g += tl.sum(g, 0)
         if COMPUTE_GT:
             h = tl.where(fin, -_factor(r, y, -beta, PSI, N_PSI, knot), 0.0)
-            h = tl.where(s_inf & (~t_inf) & inb, p_sig * student_only_h, h)
+            h = tl.where(s_inf & (~t_inf), p_sig * student_only_h, h)
             sum_h += tl.sum(h, 0)
     tl.store(LOSS + row, total)
     # pass 3: the gradients (g − q Σg)/T and (h − p Σh)/T
@@ -138,7 +153,8 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < V
-            s_inf, t_inf, fin, r, y, lq, lp = _tile(s_row, t_row, cols, inb, lse_s, lse_t, alpha, beta, inv_t, DTYPE)
+            s_inf, t_inf, fin, r, y, lq, lp = _tile(s_row, t_row, cols, inb, m_s, m_t, log_l_s, log_l_t,
+                                                    alpha, beta, inv_t, DTYPE)
             if COMPUTE_GS:
                 q = tl.where(s_inf, 0.0, tl.exp(lq))
                 g = tl.where(fin, _factor(r, y, alpha, PSI, N_PSI, knot), 0.0)
@@ -153,22 +169,29 @@ def _ab_rows_kernel(S, T, GS, GT, LOSS, ROWS, F, PSI, P,
                 tl.store(GT + row * stride_gt + cols, grad.to(GT.dtype.element_ty), mask=inb)
 
 # %% ../../nbs/04_triton_kernel.ipynb #1e19df8e
-BLOCK = 1024              # vocabulary entries per tile
+BLOCK = {torch.float32: 1024, torch.float64: 256}   # vocabulary entries per tile, by compute dtype (fp64: no spills)
+
+def _series_capacity(dtype: torch.dtype) -> int:
+    "Length of the longest f series of a plan in `dtype`: the one at τ = τ_max (α = β = 0); the length grows with τ."
+    return len(ab_plan(0.0, 0.0, dtype).f_series)
+
+F_CAPACITY = {dtype: _series_capacity(dtype) for dtype in (torch.float32, torch.float64)}
 
 def _plan_tensors(plan, dtype, device) -> tuple[Tensor, Tensor]:
-    return (torch.tensor(plan.f_series, dtype=dtype, device=device),
-            torch.tensor(plan.psi_series, dtype=dtype, device=device))
+    "The f series padded with zero coefficients to `F_CAPACITY` (same value, one kernel per dtype), and the ψ series."
+    f = plan.f_series + (0.0,) * (F_CAPACITY[dtype] - len(plan.f_series))
+    if len(f) != F_CAPACITY[dtype]:
+        raise RuntimeError(f"the plan at (α, β) = ({plan.alpha}, {plan.beta}) has {len(plan.f_series)} series terms, "
+                           f"more than F_CAPACITY[{dtype}] = {F_CAPACITY[dtype]}")
+    return torch.tensor(f, dtype=dtype, device=device), torch.tensor(plan.psi_series, dtype=dtype, device=device)
 
-def triton_rows(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float = 1.0,
-                row_mask: Optional[Tensor] = None, student_grad: bool = False, teacher_grad: bool = False,
-                inplace_grad: bool = False, block: int = BLOCK):
-    "D_AB per row of [N, V] logits and, if asked, the gradients of Σ_rows D w.r.t. both logits, in one launch."
-    s, t = student_logits, teacher_logits
-    if s.stride(-1) != 1: s = s.contiguous()
-    if t.stride(-1) != 1: t = t.contiguous()
+def _launch_arguments(s: Tensor, t: Tensor, alpha: float, beta: float, temperature: float, row_mask: Optional[Tensor],
+                      student_grad: bool, teacher_grad: bool, inplace_grad: bool, block: Optional[int]):
+    "(programs, runtime arguments in the kernel's order, compile-time arguments, (values, gs, gt)) of one launch."
     n, V = s.shape
     dtype = compute_dtype(s, t)
     plan = ab_plan(alpha, beta, dtype)
+    block = block or BLOCK[dtype]
     rows = (torch.arange(n, device=s.device) if row_mask is None else row_mask.nonzero().squeeze(1)).to(torch.int64)
     values = torch.zeros(n, dtype=dtype, device=s.device)
     gs = (s if inplace_grad else torch.empty_like(s)) if student_grad else None
@@ -176,16 +199,28 @@ def triton_rows(student_logits: Tensor, teacher_logits: Tensor, alpha: float, be
     f, psi = _plan_tensors(plan, dtype, s.device)
     sigma = alpha + beta
     ok_t, ok_s = teacher_zero_allowed(alpha, beta), student_zero_allowed(alpha, beta)   # else: rejected, unused
+    inv = lambda x: 1 / x if x else math.inf              # α·σ, β·σ > 0 may underflow to 0: the term is +inf then
     params = torch.tensor([alpha, beta, 1.0 / temperature, plan.k_lo, plan.k_hi - plan.k_mid, plan.k_mid - plan.k_lo,
-                           plan.tau, PSI_KNOT, 1 / (alpha * sigma) if ok_t else 0.0, 1 / (beta * sigma) if ok_s else 0.0,
+                           plan.tau, PSI_KNOT, inv(alpha * sigma) if ok_t else 0.0, inv(beta * sigma) if ok_s else 0.0,
                            1 / alpha if ok_t else 0.0, 1 / beta if ok_s else 0.0], dtype=dtype, device=s.device)
-    if rows.numel():
-        _ab_rows_kernel[(rows.numel(),)](
-            s, t, gs if gs is not None else s, gt if gt is not None else t, values, rows, f, psi, params,
-            s.stride(0), t.stride(0), gs.stride(0) if gs is not None else 0, gt.stride(0) if gt is not None else 0, V,
-            N_F=len(plan.f_series), N_PSI=len(plan.psi_series), PSI_SERIES=plan.psi_needs_series,
-            COMPUTE_GS=gs is not None, COMPUTE_GT=gt is not None,
-            DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block)
+    args = (s, t, gs if gs is not None else s, gt if gt is not None else t, values, rows, f, psi, params,
+            s.stride(0), t.stride(0), gs.stride(0) if gs is not None else 0, gt.stride(0) if gt is not None else 0, V)
+    constexprs = dict(N_F=len(f), N_PSI=len(psi), PSI_SERIES=plan.psi_needs_series,
+                      COMPUTE_GS=gs is not None, COMPUTE_GT=gt is not None,
+                      DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block)
+    return rows.numel(), args, constexprs, (values, gs, gt)
+
+def triton_rows(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float = 1.0,
+                row_mask: Optional[Tensor] = None, student_grad: bool = False, teacher_grad: bool = False,
+                inplace_grad: bool = False, block: Optional[int] = None):
+    """D_AB per row of [N, V] logits and, if asked, the gradients of Σ_rows D w.r.t. both logits, in one launch
+    (`block`: vocabulary entries per tile, default `BLOCK` of the compute dtype)."""
+    s, t = student_logits, teacher_logits
+    if s.stride(-1) != 1: s = s.contiguous()
+    if t.stride(-1) != 1: t = t.contiguous()
+    programs, args, constexprs, (values, gs, gt) = _launch_arguments(s, t, alpha, beta, temperature, row_mask,
+                                                                     student_grad, teacher_grad, inplace_grad, block)
+    if programs: _ab_rows_kernel[(programs,)](*args, **constexprs)
     if row_mask is not None and not bool(row_mask.all()):
         for g in (gs, gt):
             if g is not None: g[~row_mask] = 0
@@ -223,3 +258,222 @@ def ab_divergence_triton(student_logits: Tensor, teacher_logits: Tensor, alpha: 
     `row_mask` (bool [N]): rows to compute; the others get 0 and a zero gradient. `inplace_grad=True` writes the
     student gradient over `student_logits` (which must not be read afterwards)."""
     return TritonABDivergence.apply(student_logits, teacher_logits, alpha, beta, temperature, row_mask, inplace_grad)
+
+# %% ../../nbs/04_triton_kernel.ipynb #93697d22
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+GRAD_REQUESTS = ((False, False), (True, False), (False, True), (True, True))   # (student_grad, teacher_grad)
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+def _hyperparameter_probe() -> list[tuple[float, float]]:
+    "(α, β) points that reach every plan class: a grid over the plane and the line α = 1, β = −b (node gaps of any ratio)."
+    grid = (-2.0, -1.0, -0.5, -0.3, 0.0, 1e-7, 0.2, 0.5, 0.7, 0.8, 1.0, 1.5, 2.0)
+    return [(a, b) for a in grid for b in grid] + [(1.0, -0.25 / w) for w in torch.linspace(0.5, 3.0, 251).tolist()]
+
+@functools.cache
+def plan_classes(dtype: torch.dtype) -> dict[tuple, tuple[float, float]]:
+    "The compile-time plan arguments (N_F, N_PSI, PSI_SERIES) `triton_rows` can pass for compute `dtype` → one (α, β)."
+    classes = {}
+    for a, b in _hyperparameter_probe():
+        f, psi = _plan_tensors(ab_plan(a, b, dtype), dtype, "cpu")
+        classes.setdefault((len(f), len(psi), ab_plan(a, b, dtype).psi_needs_series), (a, b))
+    return classes
+
+@dataclass(frozen=True)
+class LaunchVariant:
+    "One compiled form of `_ab_rows_kernel` as `triton_rows` launches it: argument types, 16-divisible arguments, constexprs."
+    student_dtype: str
+    teacher_dtype: str
+    signature: tuple        # ((name, Triton type), ...) in the kernel's order; 'constexpr' for compile-time arguments
+    constexprs: tuple       # ((name, value), ...); DTYPE as 'fp32' / 'fp64'
+    divisible: tuple        # indices of the arguments the JIT marks divisible by 16 (aligned pointers, integers)
+
+    @property
+    def label(self) -> str:
+        c = dict(self.constexprs)
+        grads = "+".join(n for n, on in (("gs", c["COMPUTE_GS"]), ("gt", c["COMPUTE_GT"])) if on) or "value"
+        v_hint = "V÷16" if [n for n, _ in self.signature].index("V") in self.divisible else "V"
+        return (f"{self.student_dtype}·{self.teacher_dtype} {c['DTYPE']} N_F={c['N_F']} N_PSI={c['N_PSI']} "
+                f"{'ψ-series' if c['PSI_SERIES'] else 'ψ-quotient'} {grads} BLOCK={c['BLOCK']} {v_hint}")
+
+def _jit_specialization(args: tuple, constexprs: dict) -> tuple[tuple, tuple, tuple]:
+    "The signature, compile-time values and 16-divisible arguments Triton's JIT derives from one launch's arguments."
+    from triton._C.libtriton import native_specialize_impl       # the JIT's own specializer (triton ≥ 3.4)
+    from triton.backends.compiler import BaseBackend
+    names = _ab_rows_kernel.arg_names
+    signature, fixed, divisible = [], {}, []
+    for i, (name, value) in enumerate(zip(names, args)):
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature.append((name, kind))
+        if kind == "constexpr": fixed[name] = spec              # an integer equal to 1
+        elif spec == "D": divisible.append(i)
+    for name in names[len(args):]:
+        value = constexprs[name]
+        signature.append((name, "constexpr"))
+        fixed[name] = _SHORT[torch.float64 if value == tl.float64 else torch.float32] if name == "DTYPE" else value
+    return tuple(signature), tuple(fixed.items()), tuple(divisible)
+
+def launch_variant(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float = 1.0,
+                   student_grad: bool = False, teacher_grad: bool = False, block: Optional[int] = None) -> LaunchVariant:
+    "The variant `triton_rows` launches for these arguments (the JIT's specialization of its actual arguments)."
+    _, args, constexprs, _ = _launch_arguments(student_logits, teacher_logits, alpha, beta, temperature, None,
+                                               student_grad, teacher_grad, False, block)
+    return LaunchVariant(_SHORT[student_logits.dtype], _SHORT[teacher_logits.dtype],
+                         *_jit_specialization(args, constexprs))
+
+def launch_variants(vocab: int = 1500, dtype_pairs=None, block: Optional[int] = None) -> list[LaunchVariant]:
+    """Every kernel variant `triton_rows` launches for [2, vocab] logits: each (student, teacher) dtype pair (all 16 by
+    default), each plan class of the compute dtype, each gradient request; built by the dispatcher's own code."""
+    variants = {}
+    for s_dtype, t_dtype in dtype_pairs or [(a, b) for a in INPUT_DTYPES for b in INPUT_DTYPES]:
+        s, t = torch.zeros(2, vocab, dtype=s_dtype), torch.zeros(2, vocab, dtype=t_dtype)
+        for alpha, beta in plan_classes(compute_dtype(s, t)).values():
+            for student_grad, teacher_grad in GRAD_REQUESTS:
+                variants.setdefault(launch_variant(s, t, alpha, beta, 1.0, student_grad, teacher_grad, block), None)
+    return list(variants)
+
+# %% ../../nbs/04_triton_kernel.ipynb #0c6769d7
+def _first_line(e: BaseException) -> str:
+    "`Type: message` on one line: the first line, and the last one if there are more (a compile error's message)."
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+    return f"{type(e).__name__}: {lines[0] if len(lines) == 1 else lines[0] + ' … ' + lines[-1]}"[:300]
+
+def _resource_usage(cubin: bytes) -> dict:
+    "REG, STACK, SHARED, LOCAL (bytes) of the kernel in `cubin`, read by `cuobjdump --dump-resource-usage` (no GPU)."
+    from triton import knobs
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh: fh.write(cubin)
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+
+def _ptxas_spills(log: str) -> Optional[int]:
+    "Spill stores + loads (bytes) from ptxas's -v log; None when ptxas did not run (the cubin came from Triton's cache)."
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return int(found[1]) + int(found[2]) if found else None
+
+def compile_variant(variant: LaunchVariant, capability: int) -> dict:
+    "Compile one variant for sm_`capability` with the real Triton compiler (needs a process without TRITON_INTERPRET)."
+    if not isinstance(_ab_rows_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("the kernel is interpreted in this process (TRITON_INTERPRET=1): use compile_table, which "
+                           "compiles in fresh processes without it")
+    from triton import knobs
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    constexprs = dict(variant.constexprs)
+    constexprs["DTYPE"] = tl.float64 if constexprs["DTYPE"] == "fp64" else tl.float32
+    source = ASTSource(fn=_ab_rows_kernel, signature=dict(variant.signature), constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in variant.divisible})
+    row = dict(capability=capability, variant=variant.label, ok=False, error=None)
+    log, start = io.StringIO(), time.perf_counter()
+    try:
+        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True
+            kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+    except Exception as e:                                   # what the compiler rejects, reported as a table row
+        row.update(seconds=time.perf_counter() - start, error=_first_line(e))
+        return row
+    row.update(ok=True, seconds=time.perf_counter() - start, **_resource_usage(kernel.asm["cubin"]),
+               spill_bytes=_ptxas_spills(log.getvalue()), num_warps=kernel.metadata.num_warps,
+               ptx_kb=len(kernel.asm["ptx"]) / 1024, cubin_kb=len(kernel.asm["cubin"]) / 1024)
+    return row
+
+def _compile_worker(job: str) -> None:
+    "Compile the [[variant fields, capability], ...] of the JSON file `job`; write the rows to `job` + '.out'."
+    rows = []
+    with open(job) as fh: work = json.load(fh)
+    for fields, capability in work:
+        v = LaunchVariant(fields["student_dtype"], fields["teacher_dtype"],
+                          *(tuple(tuple(x) if isinstance(x, list) else x for x in fields[k])
+                            for k in ("signature", "constexprs", "divisible")))
+        rows.append(compile_variant(v, capability))
+    with open(job + ".out", "w") as fh: json.dump(rows, fh)
+
+def compile_table(work: list[tuple[LaunchVariant, int]], jobs: int = 1) -> list[dict]:
+    """Each (variant, sm capability) of `work` compiled by the real compiler, one row each (ok, error, registers,
+    stack/local bytes, ptxas spills, shared memory, PTX size, seconds). Runs here if the kernel is compiled in this
+    process, else in `jobs` fresh Python processes without TRITON_INTERPRET (the interpreter replaces the JIT when
+    the kernel is decorated, so no compiler runs in an interpreted process)."""
+    if isinstance(_ab_rows_kernel, triton.runtime.jit.JITFunction):
+        return [compile_variant(v, c) for v, c in work]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    order = list(range(len(work)))
+    shares = [order[i::jobs] for i in range(jobs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for j, share in enumerate(shares):
+            job = os.path.join(tmp, f"job{j}.json")
+            with open(job, "w") as fh: json.dump([[dataclasses.asdict(work[i][0]), work[i][1]] for i in share], fh)
+            err = open(job + ".err", "w+")
+            procs.append((subprocess.Popen([sys.executable, "-c", "from abkd.kernels.triton_kernels import _compile_worker; "
+                                            f"_compile_worker({job!r})"], env=env, stdout=err, stderr=err), job, err))
+        rows = [None] * len(work)
+        for (p, job, err), share in zip(procs, shares):
+            if p.wait() != 0:
+                err.seek(0)
+                raise RuntimeError(f"the compile process failed (exit {p.returncode}): {err.read().strip()[-2000:]}")
+            err.close()
+            with open(job + ".out") as fh:
+                for i, row in zip(share, json.load(fh)): rows[i] = row
+    return rows
+
+def aot_work() -> list[tuple[LaunchVariant, int]]:
+    """What the tests compile: for sm_90 every variant `triton_rows` launches (16 dtype pairs, V = 1500) and the
+    equal-dtype variants with V divisible by 16 (the JIT's other integer specialization); for sm_80 the equal-dtype
+    variants (the mixed pairs differ only in the loads and stores)."""
+    same = [(d, d) for d in INPUT_DTYPES]
+    return ([(v, 90) for v in launch_variants()] + [(v, 90) for v in launch_variants(2048, same)]
+            + [(v, 80) for v in launch_variants(1500, same)])
+
+# %% ../../nbs/04_triton_kernel.ipynb #a19679f2
+SELF_CHECK_POINT = (0.2, 0.7, 2.0)       # α, β, T of the self-check
+
+def _self_check_logits(dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    "2 × 257 logits at a GPT-2-like offset, with a teacher-only, a student-only and a shared −inf entry."
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 257, generator=g, dtype=torch.float64) * 3 - 100
+    t = torch.randn(2, 257, generator=g, dtype=torch.float64) * 3 - 100
+    t[0, 5] = s[1, 7] = s[0, 9] = t[0, 9] = -math.inf
+    return s.to(device, dtype), t.to(device, dtype)
+
+def _reference_rows(s: Tensor, t: Tensor, alpha: float, beta: float, temperature: float):
+    "Values and both gradients of Σ D by float64 autograd of the divergence formula, on the CPU."
+    s64, t64 = (x.detach().to("cpu", torch.float64).requires_grad_() for x in (s, t))
+    values = ab_divergence_rows(s64, t64, alpha, beta, temperature)
+    return (values.detach(), *torch.autograd.grad(values.sum(), (s64, t64)))
+
+def _relative_error(ours: Tensor, ref: Tensor) -> float:
+    "max |ours − ref| / max |ref| (NaN if ours is not finite)."
+    ours = ours.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(ours).all()): return math.nan
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+def self_check_tolerance(dtype: torch.dtype) -> float:
+    "Relative tolerance of the self-check: fp32 rounding for fp32 math, one step of the logits' dtype below it."
+    return 1e-12 if dtype == torch.float64 else max(2e-5, torch.finfo(dtype).eps)
+
+def triton_self_check(device, dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """Run one small tile through the Triton kernel on `device` and compare the values and both gradients with the
+    float64 reference: None if it compiles, launches and agrees, else one line saying which of the three failed."""
+    with torch.inference_mode(False), torch.enable_grad():    # callable from evaluation loops too
+        return _self_check(device, dtype)
+
+def _self_check(device, dtype: torch.dtype) -> Optional[str]:
+    alpha, beta, temperature = SELF_CHECK_POINT
+    where = f"on {device} ({_SHORT.get(dtype, dtype)} logits)"
+    try:
+        s, t = _self_check_logits(dtype, device)
+        values, gs, gt = triton_rows(s, t, alpha, beta, temperature, student_grad=True, teacher_grad=True)
+        if torch.device(device).type == "cuda": torch.cuda.synchronize(device)
+    except Exception as e:                      # the point: any failure becomes a reason, not a crash
+        stage = "compile" if isinstance(e, _COMPILE_ERRORS) else "launch"
+        return f"the Triton kernel failed to {stage} {where}: {_first_line(e)}"
+    errors = {name: _relative_error(ours, ref) for name, ours, ref in
+              zip(("value", "student gradient", "teacher gradient"), (values, gs, gt), _reference_rows(s, t, alpha, beta, temperature))}
+    tol = self_check_tolerance(dtype)
+    bad = {name: e for name, e in errors.items() if not e <= tol}
+    if bad:
+        return (f"the Triton kernel disagrees with the float64 reference {where}: "
+                + ", ".join(f"{name} error {e:.1e}" for name, e in bad.items()) + f" (tolerance {tol:.0e})")
+    return None
