@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_core.ipynb #57804937
 from __future__ import annotations
-import importlib.util, os
+import importlib.util, os, warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 import torch
@@ -14,13 +14,13 @@ from .gradients import ABDivergenceFunction
 from .kernels.torch_chunked import ab_divergence_chunked
 from .kernels.fused_linear import fused_linear_divergence
 if importlib.util.find_spec("triton") is not None:
-    from abkd.kernels.triton_kernels import ab_divergence_triton
+    from abkd.kernels.triton_kernels import ab_divergence_triton, triton_self_check
 else:                                   # the optional package is missing: the table says so when it is asked for
-    ab_divergence_triton = None
+    ab_divergence_triton = triton_self_check = None
 
 # %% auto #0
-__all__ = ['FLOAT_DTYPES', 'IMPLEMENTATIONS', 'IMPLS', 'Implementation', 'resolve_impl', 'implementation', 'core_rows',
-           'ab_divergence', 'ABDivergence', 'ab_divergence_from_hidden']
+__all__ = ['FLOAT_DTYPES', 'IMPLEMENTATIONS', 'IMPLS', 'TRITON_VERDICTS', 'Implementation', 'triton_works_on', 'resolve_impl',
+           'implementation', 'core_rows', 'ab_divergence', 'ABDivergence', 'ab_divergence_from_hidden']
 
 # %% ../nbs/06_core.ipynb #42b03b20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -62,11 +62,28 @@ IMPLEMENTATIONS = {i.name: i for i in (
 )}
 IMPLS = ("auto", *IMPLEMENTATIONS)
 
+TRITON_VERDICTS: dict = {}   # CUDA device → None (the self-check passed) or the reason it failed; one check per device
+
+def _cuda_key(device: torch.device) -> torch.device:
+    "The CUDA device `device` means (an index-less 'cuda' is the current device)."
+    if device.index is None and torch.cuda.is_available(): return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+def triton_works_on(device: torch.device) -> bool:
+    "Did the Triton kernel pass its self-check on this CUDA device? Checked once per device; one warning if not."
+    key = _cuda_key(device)
+    if key not in TRITON_VERDICTS:
+        TRITON_VERDICTS[key] = reason = triton_self_check(key)
+        if reason: warnings.warn(f"impl='auto' uses the chunked path on {key}: {reason}", RuntimeWarning, stacklevel=3)
+    return TRITON_VERDICTS[key] is None
+
 def resolve_impl(impl: str, device: torch.device) -> str:
-    "The implementation `impl` names for logits on `device`: 'auto' is Triton on CUDA when installed, else chunked."
+    """The implementation `impl` names for logits on `device`: 'auto' is Triton on CUDA when installed and its
+    self-check passes on that device, else chunked."""
     if impl not in IMPLS: raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and IMPLEMENTATIONS["triton"].rows is not None else "chunked"
+        use_triton = device.type == "cuda" and IMPLEMENTATIONS["triton"].rows is not None and triton_works_on(device)
+        return "triton" if use_triton else "chunked"
     reason = IMPLEMENTATIONS[impl].unavailable(device)
     if reason: raise ValueError(reason)
     return impl

@@ -70,8 +70,7 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
 def core_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
                     teacher_grad: bool = False, **kwargs) -> Tensor:
     "`abkd.ab_divergence` with the teacher-gradient rule: teacher_grad=True differentiates through the teacher."
-    if check_flag(teacher_grad, "teacher_grad"): kwargs["teacher_grad"] = True
-    return ab_divergence(student_logits, teacher_logits, alpha, beta, **kwargs)
+    return ab_divergence(student_logits, teacher_logits, alpha, beta, teacher_grad=teacher_grad, **kwargs)
 
 def fkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
         reduction: str = "mean", teacher_grad: bool = False) -> Tensor:

@@ -5,6 +5,8 @@ import dataclasses
 import math
 
 import numpy as np
+import warnings
+
 import pytest
 import torch
 
@@ -129,13 +131,47 @@ def test_table_lists_every_implementation_and_what_it_supports():
         ref.row_mask = True
 
 
-def test_auto_resolves_by_device():
+def test_auto_resolves_by_device(monkeypatch):
+    import abkd.core as core
+    monkeypatch.setattr(core, "TRITON_VERDICTS", {})
+    monkeypatch.setattr(core, "triton_self_check", lambda device, dtype=torch.float32: None)   # a passing check
     assert resolve_impl("auto", torch.device("cpu")) == "chunked"
     expected = "triton" if IMPLEMENTATIONS["triton"].rows is not None else "chunked"
     assert resolve_impl("auto", torch.device("cuda")) == expected          # a device object, no CUDA needed
     assert implementation("auto", torch.device("cpu")) is IMPLEMENTATIONS["chunked"]
     for name in ("reference", "chunked"):
         assert resolve_impl(name, torch.device("cpu")) == name
+
+
+@pytest.mark.skipif(IMPLEMENTATIONS["triton"].rows is None, reason="the fallback concerns the Triton kernel")
+def test_auto_falls_back_to_chunked_once_when_the_self_check_fails(monkeypatch):
+    import abkd.core as core
+    calls = []
+    def failing(device, dtype=torch.float32):
+        calls.append(device); return "the Triton kernel failed to launch: no CUDA driver"
+    monkeypatch.setattr(core, "TRITON_VERDICTS", {})
+    monkeypatch.setattr(core, "triton_self_check", failing)
+    with pytest.warns(RuntimeWarning, match="impl='auto' uses the chunked path on cuda:1: the Triton kernel failed"):
+        assert resolve_impl("auto", torch.device("cuda", 1)) == "chunked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                      # no second warning
+        assert resolve_impl("auto", torch.device("cuda", 1)) == "chunked"
+    assert calls == [torch.device("cuda", 1)]
+    assert resolve_impl("triton", torch.device("cuda", 1)) == "triton"      # asked for explicitly: no check
+
+
+def test_auto_self_check_on_a_real_device_without_cuda_falls_back():
+    "On a machine without CUDA, the real self-check fails to launch and auto resolves to chunked, with the reason."
+    import abkd.core as core
+    if torch.cuda.is_available() or IMPLEMENTATIONS["triton"].rows is None:
+        pytest.skip("needs triton and no CUDA device")
+    saved = dict(core.TRITON_VERDICTS)
+    core.TRITON_VERDICTS.clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="impl='auto' uses the chunked path on cuda"):
+            assert resolve_impl("auto", torch.device("cuda", 0)) == "chunked"
+    finally:
+        core.TRITON_VERDICTS.clear(); core.TRITON_VERDICTS.update(saved)
 
 
 def test_core_rows_is_the_auto_implementation():

@@ -244,6 +244,8 @@ def fused_linear_divergence(student_hidden: Tensor, student_head: Head,
     h = _flat(student_hidden, "student_hidden", "H")
     weight, head_fn, tensors, probe = _resolve_head(student_head, h, "student_head", "student_hidden")
     n, vocab = h.shape[0], probe.shape[1]
+    if vocab < 2: raise ValueError(f"student_head gives a vocabulary of size {vocab}: D_AB needs V >= 2 (with one "
+                                   "token both distributions are 1 and the loss and its gradient are always 0)")
     teacher_rows = _teacher_rows(teacher, n, vocab, h.device)
     leading = tuple(student_hidden.shape[:-1])
     keep = None
