@@ -4,20 +4,22 @@
 
 # %% ../nbs/26_cli.ipynb #0c6f9d14
 from __future__ import annotations
-import argparse
+import argparse, os, shlex, sys, tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 from types import ModuleType
 
 from tqdm import tqdm
 
 import abkd
 from .results import SCALES
+from .training import CHECKPOINT, DataNotFoundError
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'Experiment', 'build_parser',
-           'reproduce', 'main']
+           'run_experiment', 'main', 'OutputDirError', 'check_output_dir', 'last_checkpoint', 'interrupted_message',
+           'report_error']
 
 # %% ../nbs/26_cli.ipynb #0b1b1f1e
 def theory_module() -> ModuleType:
@@ -84,20 +86,69 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=Path("abkd-results"), help="output folder (default: ./abkd-results)")
     return parser
 
-def reproduce(only: list[str], scale: str, out: Path) -> dict[str, list[Path]]:
-    "Run the named experiments in order (each module's `reproduce(out, scale)`); return the files each wrote."
-    written = {}
-    for name in (bar := tqdm(only, desc="abkd reproduce", unit="experiment")):
-        bar.set_postfix_str(name)
-        written[name] = EXPERIMENTS[name].load().reproduce(Path(out), scale)
-    return written
+def run_experiment(name: str, scale: str, out: Path) -> list[Path]:
+    "The experiment module's `reproduce(out, scale)`: the files it wrote."
+    return EXPERIMENTS[name].load().reproduce(Path(out), scale)
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `abkd` console script."
+    "Entry point of the `abkd` console script: 0 done, 2 bad arguments or a missing input, 130 interrupted."
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.command == "reproduce":
-        written = reproduce(args.only, args.scale, args.out)
-        for name, paths in written.items():
-            print(f"{name}:")
-            for p in paths: print(f"  {p}")
+    try: check_output_dir(args.out)
+    except OutputDirError as e: return report_error(e)
+    written, name = {}, None
+    try:
+        with tqdm(args.only, desc="abkd reproduce", unit="experiment", leave=False) as bar:
+            for name in bar:
+                bar.set_postfix_str(name)
+                written[name] = run_experiment(name, args.scale, args.out)
+    except DataNotFoundError as e: return report_error(f"{name} --scale {args.scale}: {e}")
+    except KeyboardInterrupt:
+        if name is None: raise                                   # before any experiment started: nothing to say
+        print(interrupted_message(name, args.out, argv), file=sys.stderr)
+        return 130
+    for name, paths in written.items():
+        print(f"{name}:")
+        for p in paths: print(f"  {p}")
     return 0
+
+
+# %% ../nbs/26_cli.ipynb #cf921178
+class OutputDirError(OSError):
+    "The output folder cannot be created or written; the message names it and why."
+
+def check_output_dir(path) -> None:
+    "Create `path` (and its parents) and a probe file in it, then remove the probe; OutputDirError says why not."
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputDirError(f"--out {path}: cannot write there ({blocker} is a file, not a folder)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".abkd-write-check-")
+        os.close(fd); os.remove(probe)
+    except OSError as e:
+        raise OutputDirError(f"--out {path}: cannot write there ({e.strerror or e})") from e
+
+
+# %% ../nbs/26_cli.ipynb #2f9346ac
+def last_checkpoint(folder: Path) -> Optional[Path]:
+    "The most recently written checkpoint file under `folder`, or None."
+    found = [p for p in Path(folder).rglob(CHECKPOINT) if p.is_file()] if Path(folder).is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+def interrupted_message(name: str, out: Path, argv: list[str]) -> str:
+    "The one line printed on Ctrl-C: what is kept (the last checkpoint) and the command that resumes."
+    folder, again = Path(out) / name, "abkd " + shlex.join(argv)
+    ckpt = last_checkpoint(folder)
+    if ckpt is None:
+        return (f"abkd: interrupted during {name}; no checkpoint yet (files written so far are in {folder}); to start "
+                f"it again, run the same command: {again}")
+    return (f"abkd: interrupted during {name}; kept: finished runs and the last checkpoint {ckpt}; to resume, run the "
+            f"same command: {again}")
+
+def report_error(message: str) -> int:
+    "Print `abkd: error: <message>` as one line on stderr; the exit status 2."
+    print("abkd: error: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
+

@@ -5,8 +5,9 @@
 # %% ../nbs/10_training.ipynb #1c4f45d5
 from __future__ import annotations
 import hashlib, math, os, random, tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 from torch import nn
@@ -14,8 +15,9 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['CHECKPOINT', 'resolve_device', 'mixed_precision', 'Processes', 'prepare_teacher', 'epoch_seed', 'seed_everything',
-           'epoch_loader', 'epochs_to_run', 'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'check_finite',
-           'progress_bar', 'progress_line']
+           'epoch_loader', 'epochs_to_run', 'progress_bar', 'progress_line', 'save_checkpoint', 'load_checkpoint',
+           'Checkpoint', 'checkpoint_epoch', 'resume_line', 'check_finite', 'DataNotFoundError', 'inputs_hint',
+           'load_pretrained']
 
 # %% ../nbs/10_training.ipynb #6e3d5f25
 def resolve_device(device=None) -> torch.device:
@@ -94,6 +96,15 @@ def epochs_to_run(done: int, total: int, stop_after: Optional[int] = None) -> ra
     "The epochs (0-based) one call trains: from `done` up to `total`, at most `stop_after` of them."
     return range(done, total if stop_after is None else min(total, done + stop_after))
 
+# %% ../nbs/10_training.ipynb #625d596c
+def progress_bar(iterable: Iterable, desc: str, enabled: bool = True):
+    "A tqdm bar over `iterable` that is removed when done; `enabled=False`: no bar."
+    return tqdm(iterable, desc=desc, leave=False, disable=not enabled)
+
+def progress_line(text: str, enabled: bool = True) -> None:
+    "Print one line of progress without breaking an open bar."
+    if enabled: tqdm.write(text)
+
 # %% ../nbs/10_training.ipynb #4425fca7
 CHECKPOINT = "checkpoint.pt"
 
@@ -129,12 +140,27 @@ class Checkpoint:
         "Write the configuration and `parts` (in that order) atomically."
         save_checkpoint(self.path, dict(config=self.cfg.to_dict(), **parts))
 
-    def load(self, resume: bool = True, **into) -> Optional[dict]:
-        "None if there is nothing to resume; else the saved dict, each object of `into` loaded from its part."
+    def load(self, resume: bool = True, report: bool = True, **into) -> Optional[dict]:
+        """None if there is nothing to resume; else the saved dict, each object of `into` loaded from its part, and
+        (`report`) the line `resuming <run> from epoch k (k of n epochs done)`."""
         if not (resume and self.path.exists()): return None
         saved = load_checkpoint(self.path, self.cfg)
         for name, obj in into.items(): obj.load_state_dict(saved[name])
+        progress_line(resume_line(self.path.parent, saved, getattr(self.cfg, "epochs", None)), report)
         return saved
+
+def checkpoint_epoch(saved: dict) -> Optional[int]:
+    "The epochs a checkpoint holds: its `epoch` part, or its `state` part's `epoch`; None if it records neither."
+    if "epoch" in saved: return saved["epoch"]
+    state = saved.get("state")
+    return state.get("epoch") if isinstance(state, dict) else None
+
+def resume_line(run_dir, saved: dict, epochs: Optional[int] = None) -> str:
+    "`resuming <run_dir> from epoch k (k of n epochs done)` for a loaded checkpoint."
+    k = checkpoint_epoch(saved)
+    if k is None: return f"resuming {run_dir}"
+    return f"resuming {run_dir} from epoch {k}" + (f" ({k} of {epochs} epochs done)" if epochs is not None else "")
+
 
 # %% ../nbs/10_training.ipynb #7e38c029
 def check_finite(loss, epoch: int, step: int) -> None:
@@ -144,11 +170,31 @@ def check_finite(loss, epoch: int, step: int) -> None:
         raise FloatingPointError(f"non-finite training loss {value} at epoch {epoch + 1}, step {step}: "
                                  "lower the learning rate or check the inputs")
 
-# %% ../nbs/10_training.ipynb #625d596c
-def progress_bar(iterable: Iterable, desc: str, enabled: bool = True):
-    "A tqdm bar over `iterable` that is removed when done; `enabled=False`: no bar."
-    return tqdm(iterable, desc=desc, leave=False, disable=not enabled)
+# %% ../nbs/10_training.ipynb #fd68272a
+class DataNotFoundError(FileNotFoundError):
+    """An input of a run — a dataset, pretrained weights, a checkpoint — is absent; the message names it, where it was
+    looked for and how to provide it."""
 
-def progress_line(text: str, enabled: bool = True) -> None:
-    "Print one line of progress without breaking an open bar."
-    if enabled: tqdm.write(text)
+@contextmanager
+def inputs_hint(hint: str):
+    "Append `hint` (where the caller's inputs come from) to the message of a DataNotFoundError raised inside."
+    try: yield
+    except DataNotFoundError as e:
+        e.args = (f"{e.args[0] if e.args else ''} ({hint})",) + e.args[1:]
+        raise
+
+def _pretrained_where(local: Path) -> str:
+    if local.is_dir(): return f"the local folder {local} lacks its files (config, weights or tokenizer)"
+    from huggingface_hub import constants                       # present wherever transformers is
+    hub = "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+        "the hub could not be reached or has no such id"
+    return f"no local folder of that name, not in the Hugging Face cache {constants.HF_HUB_CACHE}, and {hub}"
+
+def load_pretrained(load: Callable, name: str, what: str, fix: str):
+    """`load(name)` (a `from_pretrained`); when it cannot find the files, a DataNotFoundError naming `what`, `name`,
+    where it looked and `fix`."""
+    local = Path(name).expanduser()
+    try: return load(name)
+    except (OSError, ValueError) as e:              # transformers: OSError; an incomplete local tokenizer: ValueError
+        if isinstance(e, ValueError) and not local.is_dir(): raise
+        raise DataNotFoundError(f"{what} {name!r} not found: {_pretrained_where(local)}. {fix}") from e

@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 from abkd.cifar import data as D
+from abkd.training import DataNotFoundError
 
 MEAN = torch.tensor(D.CIFAR100_MEAN)[:, None, None]
 STD = torch.tensor(D.CIFAR100_STD)[:, None, None]
@@ -137,7 +138,7 @@ def test_missing_folder_names_path_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         D.cifar100_datasets(tmp_path)
     msg = str(e.value)
-    assert isinstance(e.value, D.CIFAR100NotFoundError)
+    assert isinstance(e.value, D.CIFAR100NotFoundError) and isinstance(e.value, DataNotFoundError)  # the CLI's class
     assert str(tmp_path / "cifar-100-python") in msg
     assert "download=True" in msg and "build_synthetic_cifar100" in msg and "cifar-100-python" in msg
 

@@ -62,3 +62,181 @@ def test_reproduce_dispatches_to_the_module(monkeypatch, tmp_path, capsys):
     assert main(["reproduce", "--only", "standin", "--scale", "paper", "--out", str(tmp_path)]) == 0
     assert calls == [(tmp_path, "paper")]
     assert str(tmp_path / "standin" / "t.md") in capsys.readouterr().out
+
+
+# --- runs that cannot go on: one line on stderr, exit 2 (refused) or 130 (Ctrl-C); bugs keep their traceback ---
+
+import errno
+import os
+import re
+import tempfile
+import types
+from dataclasses import asdict, dataclass
+
+from abkd.cli import OutputDirError, check_output_dir
+from abkd.training import CHECKPOINT, Checkpoint, DataNotFoundError, epochs_to_run
+
+MESSAGE = re.compile(r"abkd( reproduce)?: (error|interrupted)")
+
+
+def message_lines(err: str) -> list[str]:
+    "The message lines of stderr (the progress bar shares it)."
+    return [line for line in err.splitlines() if MESSAGE.match(line)]
+
+
+def one_message(err: str) -> str:
+    lines = message_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 3
+    def to_dict(self): return asdict(self)
+
+
+def standin(monkeypatch, reproduce) -> list:
+    "Register a stand-in experiment whose reproduce is `reproduce(out_dir, scale)`; returns the list of its calls."
+    calls = []
+    m = types.ModuleType("abkd_standin")
+    m.SMOKE, m.PAPER = {}, {}
+    m.reproduce = lambda out_dir, scale: calls.append((out_dir, scale)) or reproduce(out_dir, scale)
+    monkeypatch.setitem(EXPERIMENTS, "standin", Experiment("standin", lambda: m, "a stand-in"))
+    return calls
+
+
+def checkpointed_run(interrupt_after=None):
+    "One run of 3 epochs checkpointed each epoch through Checkpoint, as the trainers do; Ctrl-C after an epoch."
+    def reproduce(out_dir, scale):
+        ckpt = Checkpoint(out_dir / "standin" / "run", RunConfig())
+        saved = ckpt.load()
+        for epoch in epochs_to_run(saved["epoch"] if saved else 0, 3):
+            ckpt.save(epoch=epoch + 1)
+            if epoch + 1 == interrupt_after: raise KeyboardInterrupt
+        return [ckpt.path]
+    return reproduce
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/theory"])
+def test_out_that_is_or_lies_under_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys, where):
+    (tmp_path / "afile").write_text("not a folder")
+    calls = standin(monkeypatch, lambda out_dir, scale: [])
+    out = tmp_path / where
+    assert main(["reproduce", "--only", "standin", "--out", str(out)]) == 2
+    assert calls == []
+    line = one_message(capsys.readouterr().err)
+    assert line == f"abkd: error: --out {out}: cannot write there ({tmp_path / 'afile'} is a file, not a folder)"
+
+
+def test_check_output_dir_creates_the_folder_and_leaves_no_probe(tmp_path):
+    check_output_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputDirError, match=r"is a file, not a folder") as e:
+        check_output_dir(tmp_path / "f" / "deeper" / "still")
+    assert isinstance(e.value, OSError) and str(tmp_path / "f") in str(e.value)
+
+
+def test_a_failing_probe_is_refused_with_the_system_reason(tmp_path, monkeypatch):
+    def read_only(*a, **k): raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputDirError) as e:
+        check_output_dir(tmp_path / "ro")
+    assert str(e.value) == f"--out {tmp_path / 'ro'}: cannot write there ({os.strerror(errno.EROFS)})"
+
+
+def test_read_only_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.geteuid() == 0:                          # root writes through a 0o500 mode: the probe is made to fail instead
+        def denied(*a, **k): raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    calls = standin(monkeypatch, lambda out_dir, scale: [])
+    try:
+        for out in (ro, ro / "sub"):
+            assert main(["reproduce", "--only", "standin", "--out", str(out)]) == 2
+            line = one_message(capsys.readouterr().err)
+            assert line.startswith(f"abkd: error: --out {out}: cannot write there (") and "ermission denied" in line
+    finally: ro.chmod(0o700)
+    assert calls == []
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    argv = ["reproduce", "--only", "standin", "--out", str(tmp_path)]
+    standin(monkeypatch, checkpointed_run(interrupt_after=1))
+    assert main(argv) == 130
+    ckpt = tmp_path / "standin" / "run" / CHECKPOINT
+    assert one_message(capsys.readouterr().err) == (
+        f"abkd: interrupted during standin; kept: finished runs and the last checkpoint {ckpt}; to resume, run the "
+        f"same command: abkd reproduce --only standin --out {tmp_path}")
+    standin(monkeypatch, checkpointed_run())
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"resuming {ckpt.parent} from epoch 1 (1 of 3 epochs done)" in captured.out.splitlines()
+    assert message_lines(captured.err) == []
+
+
+def test_ctrl_c_before_any_checkpoint(tmp_path, monkeypatch, capsys):
+    theory = EXPERIMENTS["theory"].load()
+    def interrupted(out_dir, scale): raise KeyboardInterrupt
+    monkeypatch.setattr(theory, "reproduce", interrupted)
+    assert main(["reproduce", "--only", "theory", "--out", str(tmp_path)]) == 130
+    assert one_message(capsys.readouterr().err) == (
+        f"abkd: interrupted during theory; no checkpoint yet (files written so far are in {tmp_path / 'theory'}); "
+        f"to start it again, run the same command: abkd reproduce --only theory --out {tmp_path}")
+
+
+def test_a_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    def missing(out_dir, scale): raise DataNotFoundError("Some set: folder /nowhere not found;\nput it there")
+    standin(monkeypatch, missing)
+    assert main(["reproduce", "--only", "standin", "--scale", "paper", "--out", str(tmp_path)]) == 2
+    assert one_message(capsys.readouterr().err) == \
+        "abkd: error: standin --scale paper: Some set: folder /nowhere not found; put it there"
+    for bug in (ZeroDivisionError, FileNotFoundError, KeyError):
+        def broken(out_dir, scale): raise bug("a bug")
+        standin(monkeypatch, broken)
+        with pytest.raises(bug):
+            main(["reproduce", "--only", "standin", "--out", str(tmp_path)])
+
+
+@pytest.fixture
+def no_paper_inputs(tmp_path, monkeypatch):
+    "Every paper-scale input pointed at an empty folder, the hub switched off (environment and loaded constants)."
+    import datasets
+    import huggingface_hub.constants as hub
+    empty = tmp_path / "empty"
+    for k, v in dict(ABKD_CLIP_DATA=empty / "clip", ABKD_CLIP_TEACHERS=empty / "clip_teachers",
+                     ABKD_LLM_DATA=empty / "llm", HF_HOME=tmp_path / "hf", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1,
+                     TRANSFORMERS_OFFLINE=1).items():
+        monkeypatch.setenv(k, str(v))
+    for k in ("ABKD_LLM_TEACHER", "ABKD_LLM_STUDENT"): monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return empty
+
+
+@pytest.mark.parametrize("name, names", [
+    ("cifar100", ["teacher checkpoint", "cifar_teachers.tar", "cifar100/teachers"]),
+    ("clip", ["ImageNet", "not found", "clip/imagenet", "$ABKD_CLIP_DATA", "DATASETS.md"]),
+    ("llm", ["'gpt2-xl' not found", "HF_HUB_OFFLINE=1", "ABKD_LLM_TEACHER"]),
+])
+def test_paper_scale_without_its_inputs_is_one_line(no_paper_inputs, tmp_path, capsys, name, names):
+    assert main(["reproduce", "--only", name, "--scale", "paper", "--out", str(tmp_path / "out")]) == 2
+    line = one_message(capsys.readouterr().err)
+    assert line.startswith(f"abkd: error: {name} --scale paper: ")
+    assert all(n in line for n in names), line
+
+
+def test_console_script_help_lists_experiments_and_a_bad_out_exits_2(tmp_path):
+    exe = shutil.which("abkd") or str(Path(sys.executable).parent / "abkd")
+    for argv in (["--help"], ["reproduce", "--help"]):
+        r = subprocess.run([exe, *argv], capture_output=True, text=True)
+        assert r.returncode == 0 and all(f"  {name} " in r.stdout for name in EXPERIMENTS), r.stdout
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run([exe, "reproduce", "--only", "theory", "--out", str(tmp_path / "afile")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"abkd: error: --out {tmp_path / 'afile'}: cannot write there ({tmp_path / 'afile'} is a file, not a folder)"]

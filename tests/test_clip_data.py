@@ -4,6 +4,7 @@ import json, math
 from pathlib import Path
 import pytest
 import abkd.clip.data as D
+from abkd.training import DataNotFoundError
 from abkd.clip.data import (DATASETS, STANDIN_WORDS, Datum, DatasetNotFoundError, ImageList, base_new_labels,
                             base_new_splits, clip_transform, fewshot, read_dataset, subsample_classes,
                             write_standin_dataset)
@@ -61,8 +62,10 @@ def test_missing_split_file_names_it(tmp_path):
     (tmp_path / "ucf101" / "split_zhou_UCF101.json").unlink()
     with pytest.raises(DatasetNotFoundError, match="split file .*split_zhou_UCF101.json"):
         read_dataset(tmp_path, "ucf101")
-    with pytest.raises(DatasetNotFoundError, match="dataset folder"):
+    with pytest.raises(DatasetNotFoundError, match="dataset folder") as e:
         read_dataset(tmp_path, "sun397")
+    assert isinstance(e.value, DataNotFoundError)                          # the class the command line reports
+    assert str(tmp_path / "sun397") in str(e.value) and D.COOP_DATASETS in str(e.value)
 
 
 def test_corrupt_split_and_image(tmp_path):

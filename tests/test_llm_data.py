@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from abkd.llm import data as D
+from abkd.training import DataNotFoundError
 
 NO_INPUT_LITERAL = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -350,3 +351,31 @@ def test_write_synthetic_layout_idempotent_atomic(tmp_path, monkeypatch):
         calls.clear()
         D.write_synthetic_instruction_data(root, n_train=42, n_test=8, seed=1, overwrite=True)
     assert len(D.read_jsonl(root / D.TRAIN_FILE)) == 41
+
+
+def test_missing_local_data_names_the_set_the_path_and_both_ways_to_get_it(tmp_path):
+    empty = tmp_path / "empty"
+    with pytest.raises(DataNotFoundError) as e:
+        D.load_train_valid(empty)
+    msg = str(e.value)
+    assert msg.startswith(f"Dolly training pool: {empty / D.TRAIN_FILE} not found")
+    assert D.MINILLM_DATA in msg and repr(D.DOLLY_HUB_ID) in msg and "root=None" in msg
+    for name, spec in D.TEST_SETS.items():
+        with pytest.raises(DataNotFoundError) as e:
+            D.load_test_set(name, empty)
+        assert str(e.value).startswith(f"test set {spec.title}: {empty / spec.path} not found")
+        assert repr(spec.hub_id) in str(e.value)
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_is_data_not_found(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)     # nothing touches the network
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataNotFoundError) as e:
+        D.load_test_set("vicuna", None, cache_dir=str(tmp_path / "cache"))
+    msg = str(e.value)
+    assert msg.startswith("the `datasets` dataset 'MiniLLM/Vicuna' (split 'train', files 'valid.jsonl') could not be "
+                          "loaded") and "pass a local jsonl file" in msg and "\n" not in msg
+    with pytest.raises(DataNotFoundError, match="'json'"):             # the json builder on a missing file
+        D.load_instructions("json", data_files=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c2"))

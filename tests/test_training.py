@@ -1,5 +1,6 @@
 """Tests of `abkd.training`: seeds, seeded epochs, the epochs-to-run bound, checkpoints (atomic, config check,
-unreadable files, exact restore), the teacher, the non-finite-loss guard, progress and the single-process forms."""
+unreadable files, exact restore, the resume line), the teacher, the non-finite-loss guard, progress, the single-process
+forms, and the missing-input error."""
 import hashlib
 import random
 from dataclasses import asdict, dataclass
@@ -9,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from abkd.training import (CHECKPOINT, Checkpoint, Processes, check_finite, epoch_loader, epoch_seed, epochs_to_run,
-                           load_checkpoint, mixed_precision, prepare_teacher, progress_bar, resolve_device,
+from abkd.training import (CHECKPOINT, Checkpoint, DataNotFoundError, Processes, check_finite, checkpoint_epoch,
+                           epoch_loader, epoch_seed, epochs_to_run, inputs_hint, load_checkpoint, load_pretrained,
+                           mixed_precision, prepare_teacher, progress_bar, resolve_device, resume_line,
                            save_checkpoint, seed_everything)
 
 
@@ -139,3 +141,64 @@ def test_single_process_forms_and_cpu_precision():
 def test_progress_bar_disabled_yields_everything():
     bar = progress_bar(range(5), "x", enabled=False)
     assert list(bar) == list(range(5)) and len(bar) == 5
+
+
+def test_a_resumed_checkpoint_says_where_it_resumes(tmp_path, capsys):
+    Checkpoint(tmp_path, Cfg()).save(epoch=2)
+    Checkpoint(tmp_path, Cfg()).load()
+    assert capsys.readouterr().out == f"resuming {tmp_path} from epoch 2\n"              # Cfg has no epochs field
+    Checkpoint(tmp_path, Cfg()).load(report=False)
+    Checkpoint(tmp_path / "fresh", Cfg()).load()                                        # nothing to resume: silent
+    assert capsys.readouterr().out == ""
+    assert [checkpoint_epoch(s) for s in (dict(epoch=3), dict(state=dict(epoch=4, history=[])), {}, dict(state=[]))] \
+        == [3, 4, None, None]
+    assert resume_line("r", dict(state=dict(epoch=4)), 10) == "resuming r from epoch 4 (4 of 10 epochs done)"
+    assert resume_line("r", {}, 10) == "resuming r"
+
+
+def test_a_real_resumed_run_prints_the_resume_line_once(tmp_path, capsys):
+    "The CIFAR trainer stopped after 1 of 3 epochs, then resumed: one line, before the epochs it still trains."
+    from abkd.cifar.train import TrainConfig, fit
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    data = dict(train=torch.utils.data.TensorDataset(x, y), test=torch.utils.data.TensorDataset(x[:12], y[:12]))
+    cfg = TrainConfig("toy", epochs=3, batch_size=8, lr=0.1, milestones=(2,), num_classes=3)
+    def model():
+        torch.manual_seed(0)
+        return nn.Linear(6, 3)
+    fit(cfg, model(), data, tmp_path, stop_after=1, progress=False)
+    assert "resuming" not in capsys.readouterr().out                                     # a fresh run says nothing
+    done = fit(cfg, model(), data, tmp_path, progress=True)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("resuming", "epoch"))]
+    assert done["finished"] and lines[0] == f"resuming {tmp_path} from epoch 1 (1 of 3 epochs done)"
+    assert [l.split(":")[0] for l in lines[1:]] == ["epoch 2/3", "epoch 3/3"]
+
+
+def test_data_not_found_and_its_hint():
+    assert issubclass(DataNotFoundError, FileNotFoundError)
+    with pytest.raises(DataNotFoundError) as e:
+        with inputs_hint("root: $X, default ./data"):
+            raise DataNotFoundError("Set: folder data/s not found; put it there")
+    assert str(e.value) == "Set: folder data/s not found; put it there (root: $X, default ./data)"
+    with pytest.raises(FileNotFoundError) as e:                      # only DataNotFoundError gets the hint
+        with inputs_hint("root: $X"):
+            raise FileNotFoundError("a bug")
+    assert str(e.value) == "a bug"
+
+
+def test_load_pretrained_names_the_model_where_it_looked_and_the_fix(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)                  # nothing touches the network
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataNotFoundError) as e:
+        load_pretrained(AutoTokenizer.from_pretrained, "abkd-nowhere/no-such-model", "tokenizer", "Fix: set $M")
+    msg = str(e.value)
+    assert msg.startswith("tokenizer 'abkd-nowhere/no-such-model' not found: no local folder of that name")
+    assert "HF_HUB_OFFLINE=1" in msg and msg.endswith("Fix: set $M") and "\n" not in msg
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(DataNotFoundError, match="the local folder .*empty_model lacks its files"):
+        load_pretrained(AutoTokenizer.from_pretrained, str(tmp_path / "empty_model"), "tokenizer", "")
+    with pytest.raises(ValueError, match="invalid literal"):          # a bug in the loader is not a missing input
+        load_pretrained(int, "not-a-number", "x", "")
+    assert load_pretrained(len, "abc", "x", "") == 3

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from ..training import DataNotFoundError
 try:
     from torchvision import transforms as T
     from torchvision.datasets import CIFAR100
@@ -181,7 +182,7 @@ def write_cifar100_standin(root: Union[str, Path], n_train: int = 500, n_test: i
                          lambda folder: _write_standin_files(folder, n_train, n_test, rng, image_fn, config), overwrite)
 
 # %% ../../nbs/13_cifar_data.ipynb #bd2822aa
-class CIFAR100NotFoundError(FileNotFoundError):
+class CIFAR100NotFoundError(DataNotFoundError):
     "The CIFAR-100 folder or one of its files is missing (or the download failed); the message says how to fix it."
 
 class CIFAR100CorruptError(RuntimeError):

@@ -16,6 +16,7 @@ from .models import create_model
 from .recipes import (AB_GRID, METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path,
                                 teacher_recipe)
 from .train import TrainConfig, fit
+from ..training import DataNotFoundError
 
 # %% auto #0
 __all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'SMOKE', 'PAPER', 'load_weights', 'build_teacher', 'run_config', 'run_seeds',
@@ -185,12 +186,13 @@ def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=PAPER["pai
     data_root = Path(data_root or root / "data")
     teachers_dir = Path(teachers_dir or root / "teachers")
     records, written = [], []
+    try: ckpts = {t: str(teacher_path(t, teachers_dir)) for t in dict.fromkeys(t for t, _ in pairs)}  # before training
+    except FileNotFoundError as e: raise DataNotFoundError(str(e)) from e     # a missing teacher is a missing input
     for t, s in pairs:
-        ckpt = str(teacher_path(t, teachers_dir))
         for m in methods:
             for seed in seeds:
                 run_dir = root / "runs" / f"{t}-{s}" / m / f"seed{seed}"
-                records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpt), data_root, run_dir,
+                records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root, run_dir,
                                           download=download, progress=progress, accelerator=accelerator, **kw))
                 written.append(run_dir / RESULT)
     written.append(write_markdown(root / "table.md", "CIFAR-100 distillation (paper recipe)",

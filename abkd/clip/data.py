@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import Dataset
+from ..training import DataNotFoundError
 
 # %% auto #0
-__all__ = ['DATASETS', 'CLIP_MEAN', 'CLIP_STD', 'STANDIN_WORDS', 'DatasetSpec', 'dataset_spec', 'Datum', 'DatasetNotFoundError',
-           'read_zhou_split', 'read_dataset', 'classnames_by_label', 'base_new_labels', 'subsample_classes', 'fewshot',
-           'BaseNewSplits', 'base_new_splits', 'clip_transform', 'ImageList', 'write_standin_dataset']
+__all__ = ['DATASETS', 'COOP_DATASETS', 'CLIP_MEAN', 'CLIP_STD', 'STANDIN_WORDS', 'DatasetSpec', 'dataset_spec', 'Datum',
+           'DatasetNotFoundError', 'read_zhou_split', 'read_dataset', 'classnames_by_label', 'base_new_labels',
+           'subsample_classes', 'fewshot', 'BaseNewSplits', 'base_new_splits', 'clip_transform', 'ImageList',
+           'write_standin_dataset']
 
 # %% ../../nbs/18_clip_data.ipynb #ad5ea614
 @dataclass(frozen=True)
@@ -59,13 +61,17 @@ class Datum:
     label: int
     classname: str
 
-class DatasetNotFoundError(FileNotFoundError): pass
+class DatasetNotFoundError(DataNotFoundError):
+    "A base-to-new dataset's folder, split file or images are missing; the message names the path and CoOp's layout."
+
+COOP_DATASETS = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
 def _need(path: Path, what: str, spec: DatasetSpec) -> Path:
     if not path.exists():
         raise DatasetNotFoundError(f"{spec.title}: {what} {path} not found; put the dataset under the data root in "
                                    f"CoOp's layout ({spec.folder}/{spec.image_dir or '.'}"
-                                   f"{'/' + spec.split_file if spec.split_file else ''}, see CoOp's DATASETS.md)")
+                                   f"{'/' + spec.split_file if spec.split_file else ''}; download and layout: "
+                                   f"{COOP_DATASETS})")
     return path
 
 def read_zhou_split(path: Union[str, Path], image_dir: Union[str, Path]) -> dict[str, list[Datum]]:

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from .data import (DATASETS, STANDIN_WORDS, ImageList, base_new_splits, clip_transform, dataset_spec,
                             write_standin_dataset)
 from .metrics import harmonic_mean
-from .models import (PromptConfig, PromptedCLIP, PromptKDStudent, class_prompts, encode_image, encode_text,
-                              load_clip, load_clip_tokenizer, load_teacher_prompts, teacher_prompt_path,
+from .models import (BACKBONES, PromptConfig, PromptedCLIP, PromptKDStudent, class_prompts, encode_image,
+                              encode_text, load_clip, load_clip_tokenizer, load_teacher_prompts, teacher_prompt_path,
                               tiny_clip_config, word_tokenizer)
 from .train import CLIPTrainConfig, fit_clip, save_clip_record
+from ..training import inputs_hint, load_pretrained
 from ..results import (by_scale, cite_published, format_mean_std, load_records, markdown_table, published,
                           published_number, write_markdown)
 
@@ -176,10 +177,17 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
                                      results_table(load_records(root / "records")))]
 
 # %% ../../nbs/21_clip_experiment.ipynb #e05373c6
+def _backbone(name: str, role: str):
+    "(CLIP model, tokenizer) of BACKBONES[name] from the hub or its cache; a missing one is a DataNotFoundError."
+    fix = "Fix: load it once where the hub is reachable (it is then cached), or copy the Hugging Face cache here"
+    what = f"CLIP {role} backbone {name}"
+    return load_pretrained(load_clip, BACKBONES[name], what, fix), load_pretrained(load_clip_tokenizer, BACKBONES[name],
+                                                                                    f"{what} tokenizer", fix)
+
 def paper_models(classnames: Sequence[str]):
     "(teacher, make_student): prompted ViT-L/14 and a factory of PromptKD ViT-B/16 students (hub or local weights)."
-    teacher = PromptedCLIP(load_clip("ViT-L/14"), load_clip_tokenizer("ViT-L/14"), classnames)
-    student_clip, tok = load_clip("ViT-B/16"), load_clip_tokenizer("ViT-B/16")
+    teacher = PromptedCLIP(*_backbone("ViT-L/14", "teacher"), classnames)
+    student_clip, tok = _backbone("ViT-B/16", "student")
     dim = teacher.clip.config.projection_dim
     return teacher, lambda: PromptKDStudent(PromptedCLIP(student_clip, tok, classnames), teacher_dim=dim)
 
@@ -194,12 +202,14 @@ def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequen
     teachers_dir = Path(teachers_dir or os.environ.get("ABKD_CLIP_TEACHERS", "teacher_model"))
     written = []
     for ds in datasets:
-        splits = base_new_splits(data_root, ds, num_shots=16, seed=1)
-        teacher, make_student = models(splits.classnames)
-        if train_teacher:
-            train_teacher_prompts(teacher, splits, root / "teachers" / ds,
-                                  CLIPTrainConfig(dataset=ds, stage="teacher", **overrides), progress)
-        else: load_teacher_prompts(teacher, teacher_prompt_path(teachers_dir, dataset_spec(ds).teacher))
+        with inputs_hint(f"data root {data_root}: argument data_root, else $ABKD_CLIP_DATA, else ./data; teacher "
+                         f"prompts {teachers_dir}: teachers_dir, else $ABKD_CLIP_TEACHERS, else ./teacher_model"):
+            splits = base_new_splits(data_root, ds, num_shots=16, seed=1)
+            teacher, make_student = models(splits.classnames)
+            if train_teacher:
+                train_teacher_prompts(teacher, splits, root / "teachers" / ds,
+                                      CLIPTrainConfig(dataset=ds, stage="teacher", **overrides), progress)
+            else: load_teacher_prompts(teacher, teacher_prompt_path(teachers_dir, dataset_spec(ds).teacher))
         for seed in seeds:
             for method in methods:
                 written.append(run_method(method_config(ds, method, seed, **overrides), make_student, teacher, splits, root,

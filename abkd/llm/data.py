@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
+from ..training import DataNotFoundError
 
 # %% auto #0
-__all__ = ['NO_INPUT', 'WITH_INPUT', 'INPUT_FIELDS', 'OUTPUT_FIELDS', 'IGNORE_INDEX', 'DOLLY_HUB_ID', 'TRAIN_FILE', 'TEST_SETS',
-           'SYNTHETIC_WORDS', 'SYNTHETIC_TASKS', 'EOS_TOKEN', 'SYNTHETIC_MANIFEST', 'SYNTHETIC_VERSION', 'build_prompt',
-           'InstructionExample', 'example_from_record', 'read_jsonl', 'read_examples', 'load_instructions', 'encode',
-           'eos_token_id', 'pad_token_id', 'prompt_ids', 'tokenize_example', 'tokenize_examples', 'collate',
-           'make_collate', 'split_validation', 'example_key', 'drop_overlap', 'load_train_valid', 'EvalSetSpec',
-           'reference_tokens', 'filter_min_reference_tokens', 'load_test_set', 'synthetic_instructions',
-           'train_bpe_tokenizer', 'synthetic_texts', 'write_synthetic_instruction_data']
+__all__ = ['NO_INPUT', 'WITH_INPUT', 'INPUT_FIELDS', 'OUTPUT_FIELDS', 'IGNORE_INDEX', 'DOLLY_HUB_ID', 'TRAIN_FILE',
+           'MINILLM_DATA', 'TEST_SETS', 'SYNTHETIC_WORDS', 'SYNTHETIC_TASKS', 'EOS_TOKEN', 'SYNTHETIC_MANIFEST',
+           'SYNTHETIC_VERSION', 'build_prompt', 'InstructionExample', 'example_from_record', 'read_jsonl',
+           'read_examples', 'load_instructions', 'encode', 'eos_token_id', 'pad_token_id', 'prompt_ids',
+           'tokenize_example', 'tokenize_examples', 'collate', 'make_collate', 'split_validation', 'example_key',
+           'drop_overlap', 'load_train_valid', 'EvalSetSpec', 'reference_tokens', 'filter_min_reference_tokens',
+           'load_test_set', 'synthetic_instructions', 'train_bpe_tokenizer', 'synthetic_texts',
+           'write_synthetic_instruction_data']
 
 # %% ../../nbs/22_llm_data.ipynb #d81753d4
 NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -117,7 +119,12 @@ def load_instructions(source: Union[str, Path], *, split: str = "train", data_fi
     if path.is_dir() and isinstance(data_files, str) and (path / data_files).is_file():
         return read_examples(path / data_files)
     import datasets
-    rows = datasets.load_dataset(str(source), data_files=data_files, split=split, **load_kwargs)
+    try: rows = datasets.load_dataset(str(source), data_files=data_files, split=split, **load_kwargs)
+    except (ConnectionError, FileNotFoundError) as e:            # offline, not cached, no such dataset or file
+        files = f", files {data_files!r}" if data_files else ""
+        raise DataNotFoundError(f"the `datasets` dataset {str(source)!r} (split {split!r}{files}) could not be loaded: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; load it where the hub is "
+                                "reachable (it is then cached), or pass a local jsonl file") from e
     return [example_from_record(r, f"{source} ({split}), row {i}") for i, r in enumerate(rows)]
 
 # %% ../../nbs/22_llm_data.ipynb #5abe7198
@@ -210,6 +217,16 @@ def split_validation(examples: Sequence, n_valid: int = 1000, seed: Optional[int
 # %% ../../nbs/22_llm_data.ipynb #193e704c
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 TRAIN_FILE = "dolly/raw.jsonl"                    # under MiniLLM's data/ directory
+MINILLM_DATA = "https://github.com/microsoft/LMOps/tree/main/minillm"   # MiniLLM's data/ directory: its README
+
+def _local_file(root, relative: str, title: str, hub_id: str) -> Path:
+    "root/relative, or a DataNotFoundError naming it, MiniLLM's layout and the hub alternative."
+    root = Path(root).expanduser()
+    path = root / relative
+    if not path.is_file():
+        raise DataNotFoundError(f"{title}: {path} not found; put MiniLLM's data directory at {root} ({relative}; see "
+                                f"{MINILLM_DATA}), or pass root=None to load {hub_id!r} through `datasets`")
+    return path
 
 def example_key(example: InstructionExample) -> tuple[str, str]:
     "(instruction, input) with surrounding whitespace removed: the identity used to find overlaps."
@@ -224,7 +241,7 @@ def load_train_valid(root: Union[str, Path, None] = None, *, hub_id: str = DOLLY
                      seed: Optional[int] = 0, exclude: Iterable[InstructionExample] = (),
                      **load_kwargs) -> tuple[list[InstructionExample], list[InstructionExample]]:
     "(train, valid) from root/dolly/raw.jsonl or the hub id, without `exclude`'s prompts, split by `split_validation`."
-    pool = read_examples(Path(root).expanduser() / TRAIN_FILE) if root is not None else \
+    pool = read_examples(_local_file(root, TRAIN_FILE, "Dolly training pool", hub_id)) if root is not None else \
         load_instructions(hub_id, split="train", **load_kwargs)
     return split_validation(drop_overlap(pool, exclude), n_valid, seed)
 
@@ -268,8 +285,8 @@ def load_test_set(name: str, root: Union[str, Path, None] = None, *, tokenizer=N
     "A TEST_SETS test set from root/<folder>/<file> or its hub id, filtered by its rule when a tokenizer is given."
     if name not in TEST_SETS: raise KeyError(f"unknown test set {name!r}; known: {', '.join(TEST_SETS)}")
     spec = TEST_SETS[name]
-    examples = read_examples(Path(root).expanduser() / spec.path) if root is not None else \
-        load_instructions(spec.hub_id, data_files=spec.file, split="train", **load_kwargs)
+    if root is not None: examples = read_examples(_local_file(root, spec.path, f"test set {spec.title}", spec.hub_id))
+    else: examples = load_instructions(spec.hub_id, data_files=spec.file, split="train", **load_kwargs)
     if spec.min_reference_tokens is not None and tokenizer is not None:
         examples = filter_min_reference_tokens(examples, tokenizer, spec.min_reference_tokens)
     if check_size and len(examples) != spec.size:

@@ -6,11 +6,13 @@
 from __future__ import annotations
 import dataclasses, os
 from pathlib import Path
+from typing import Optional
 import torch
 from .data import (TEST_SETS, load_test_set, load_train_valid, make_collate, read_jsonl, synthetic_texts,
                            tokenize_examples, train_bpe_tokenizer, write_synthetic_instruction_data, TRAIN_FILE)
 from .eval import PROTOCOL_SEEDS, evaluate_rouge, evaluation_record
 from .train import LLMTrainConfig, fit_llm
+from ..training import inputs_hint, load_pretrained
 from ..results import (by_scale, cite_published, format_mean_std, load_record, markdown_table, published,
                           published_number, write_markdown)
 
@@ -159,17 +161,26 @@ def reproduce_smoke(out_dir, scale: LLMScale = SMOKE, progress: bool = True) -> 
 PAPER = LLMScale(n_valid=1000, max_prompt_len=256, max_len=512, n_positions=1024, sft_epochs=10, kd_epochs=20,
                  micro_batch_size=8, lr=5e-4, warmup_steps=0, select_examples=500)
 
-def reproduce_paper(out_dir, data_root=None, teacher_id: str = "gpt2-xl", student_id: str = "gpt2",
+def _pretrained(load, name: str, what: str, env: str):
+    return load_pretrained(load, name, what, f"Fix: load it once where the hub is reachable (it is then cached), or "
+                                             f"set {env} to a local folder with its files")
+
+def reproduce_paper(out_dir, data_root=None, teacher_id: Optional[str] = None, student_id: Optional[str] = None,
                     progress: bool = True, scale: LLMScale = PAPER) -> list[Path]:
-    "GPT-2 XL → GPT-2 base on MiniLLM's Dolly data under data_root (default $ABKD_LLM_DATA, else ./data; a GPU job)."
+    """GPT-2 XL → GPT-2 base on MiniLLM's Dolly data under data_root (default $ABKD_LLM_DATA, else ./data; a GPU job).
+    The models: hub ids or local folders, default $ABKD_LLM_TEACHER (else gpt2-xl) and $ABKD_LLM_STUDENT (else gpt2)."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
     root = Path(out_dir) / "llm"
     data_root = data_root or os.environ.get("ABKD_LLM_DATA", "data")
-    tok = AutoTokenizer.from_pretrained(teacher_id)
-    data = prepare_data(data_root, tok, scale)
-    written = run_pipeline(data, root, scale, student=GPT2LMHeadModel.from_pretrained(student_id), progress=progress,
-                           teacher=train_stage("teacher_sft", _configs(scale)["sft"],
-                                               GPT2LMHeadModel.from_pretrained(teacher_id), data, root,
+    teacher_id = teacher_id or os.environ.get("ABKD_LLM_TEACHER", "gpt2-xl")
+    student_id = student_id or os.environ.get("ABKD_LLM_STUDENT", "gpt2")
+    tok = _pretrained(AutoTokenizer.from_pretrained, teacher_id, "GPT-2 teacher tokenizer", "ABKD_LLM_TEACHER")
+    with inputs_hint(f"data root {data_root}: argument data_root, else $ABKD_LLM_DATA, else ./data"):
+        data = prepare_data(data_root, tok, scale)
+    student = _pretrained(GPT2LMHeadModel.from_pretrained, student_id, "GPT-2 student", "ABKD_LLM_STUDENT")
+    teacher = _pretrained(GPT2LMHeadModel.from_pretrained, teacher_id, "GPT-2 teacher", "ABKD_LLM_TEACHER")
+    written = run_pipeline(data, root, scale, student=student, progress=progress,
+                           teacher=train_stage("teacher_sft", _configs(scale)["sft"], teacher, data, root,
                                                progress=progress))
     return written + [write_markdown(root / "table.md", "GPT-2 instruction following, ROUGE-L",
                                      results_table(root / "eval"))]
