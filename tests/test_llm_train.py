@@ -249,12 +249,27 @@ class ScaledLogitsGPT2(GPT2LMHeadModel):
         return out
 
 
-def test_fused_loss_refuses_what_the_head_weight_does_not_carry(tmp_path):
+def test_fused_loss_counts_a_head_bias_and_a_lora_adapter():
+    "The fused loss applies the output layer as a module: a bias or a PEFT LoRA on lm_head changes it as it should."
+    from peft import LoraConfig, get_peft_model
+    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone(); labels[:, :4] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    cfg = LLMTrainConfig(fused_loss=True)
+    kd = make_kd_loss(cfg)
+    with torch.no_grad(): t_logits = gpt(1, 3)(ids).logits
+    biased = gpt(0)
+    biased.lm_head = torch.nn.Linear(32, 40, bias=True)
+    lora = get_peft_model(gpt(0), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    for student in (biased, lora):
+        out = student(ids, output_hidden_states=True, logits_to_keep=1)
+        fused = fused_micro_batch_loss(cfg, out.hidden_states[-1], output_head(student), labels, n, t_logits, kd)
+        materialized = micro_batch_loss(cfg, student(ids).logits, labels, n, t_logits, kd)
+        torch.testing.assert_close(fused, materialized, rtol=1e-5, atol=0)
+
+
+def test_fused_loss_refuses_logits_changed_after_the_head(tmp_path):
     cfg = LLMTrainConfig(epochs=1, micro_batch_size=4, fused_loss=True)
-    student = gpt(0)
-    student.lm_head = torch.nn.Linear(32, 40, bias=True)           # a bias: logits != hidden @ weightᵀ
-    with pytest.raises(ValueError, match="output layer is an nn.Linear with a bias.*set fused_loss=False"):
-        fit_llm(cfg, student, rows(4, 0), None, collate, tmp_path / "a", teacher=gpt(1), progress=False)
     scaled = ScaledLogitsGPT2(gpt(0).config)
     with pytest.raises(ValueError, match="differ from its output head.*set fused_loss=False"):
         fit_llm(cfg, scaled, rows(4, 0), None, collate, tmp_path / "b", teacher=gpt(1), progress=False)

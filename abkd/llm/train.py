@@ -129,15 +129,15 @@ def make_kd_loss(cfg: LLMTrainConfig) -> Optional[nn.Module]:
     return get_loss(cfg.loss, reduction="sum", **cfg.loss_params) if cfg.mode == "kd" else None
 
 # %% ../../nbs/23_llm_train.ipynb #c27f776b
-def output_head(model: nn.Module) -> Tensor:
-    """The head the fused loss multiplies the last hidden states with: the output layer's weight [V, H], if that layer
-    is a bias-free nn.Linear (whose output the weight alone gives); anything else is refused."""
+def output_head(model: nn.Module) -> nn.Module:
+    """The head the fused loss applies to the last hidden states: the model's output layer as a module, so its bias
+    and adapters (e.g. a PEFT LoRA on `lm_head`) count; scaling or capping done after the head inside the model's
+    forward is caught by the per-batch head check below."""
     layer = model.get_output_embeddings()
-    if not isinstance(layer, nn.Linear) or layer.bias is not None:
-        what = "an nn.Linear with a bias" if isinstance(layer, nn.Linear) else type(layer).__name__
-        raise ValueError(f"fused_loss=True multiplies the hidden states by the output layer's weight alone, but the "
-                         f"output layer is {what}: its bias or adapter would be ignored; set fused_loss=False")
-    return layer.weight
+    if not isinstance(layer, nn.Module):
+        raise ValueError(f"fused_loss=True needs the model's output layer (get_output_embeddings()), got "
+                         f"{type(layer).__name__}; set fused_loss=False")
+    return layer
 
 def _head_logits(head: Union[Tensor, nn.Module], hidden: Tensor) -> Tensor:
     "Logits of `hidden` [..., H]: hidden @ headᵀ for a weight [V, H], head(hidden) for a module."
@@ -392,7 +392,7 @@ def fit_llm(cfg: LLMTrainConfig, model: nn.Module, train_set, val_set, collate: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
     ckpt, replay = Checkpoint(out_dir, cfg), ReplayBuffer(cfg.replay_size)
-    saved = ckpt.load(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    saved = ckpt.load(resume, report=progress and run.main, model=model, optimizer=optimizer, scheduler=scheduler)
     state = saved["state"] if saved is not None else dict(epoch=0, history=[], best=dict(epoch=None, score=-math.inf),
                                                           gen_prob=0.0, last_val=None)
     if saved is not None: replay.rows = saved["replay"]
