@@ -16,7 +16,6 @@ from .models import create_model
 from .recipes import (AB_GRID, METHODS, PAIRS, load_state_dict_file, method_params, recipe, teacher_path,
                                 teacher_recipe)
 from .train import TrainConfig, fit
-from ..training import DataNotFoundError
 
 # %% auto #0
 __all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'SMOKE', 'PAPER', 'load_weights', 'build_teacher', 'run_config', 'run_seeds',
@@ -136,7 +135,8 @@ def published_sources(methods) -> str:
     return "Sources — " + " ".join(lines)
 
 # %% ../../nbs/16_cifar_experiment.ipynb #69a07d73
-SMOKE = dict(teacher="resnet20", student="resnet8", methods=("kd", "abkd"), seeds=(0, 1), n_train_per_class=20,
+SMOKE = dict(teacher="resnet20", student="resnet8", setting=("resnet56", "resnet20"),   # presets of a paper pair
+             methods=("kd", "abkd"), seeds=(0, 1), n_train_per_class=20,
              n_test_per_class=5, teacher_epochs=6, student_epochs=6, batch_size=64, lr=0.05, milestones=(4,))
 PAPER = dict(pairs=PAIRS, methods=METHODS, seeds=(0, 1, 2))
 
@@ -144,7 +144,8 @@ def smoke_configs(teacher_checkpoint: str, smoke: dict = SMOKE) -> list[TrainCon
     "The smoke run's student configurations (KD and ABKD at the preset (α, β), each seed)."
     common = dict(epochs=smoke["student_epochs"], batch_size=smoke["batch_size"], lr=smoke["lr"],
                   milestones=smoke["milestones"])
-    return [TrainConfig(smoke["student"], loss=m, loss_params=method_params(m, smoke["teacher"], smoke["student"]),
+    return [TrainConfig(smoke["student"], loss=m, loss_params=method_params(m, smoke["teacher"], smoke["student"],
+                                                                          setting=smoke.get("setting")),
                         teacher=smoke["teacher"], teacher_checkpoint=teacher_checkpoint, seed=s, **common)
             for m in smoke["methods"] for s in smoke["seeds"]]
 
@@ -186,8 +187,7 @@ def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=PAPER["pai
     data_root = Path(data_root or root / "data")
     teachers_dir = Path(teachers_dir or root / "teachers")
     records, written = [], []
-    try: ckpts = {t: str(teacher_path(t, teachers_dir)) for t in dict.fromkeys(t for t, _ in pairs)}  # before training
-    except FileNotFoundError as e: raise DataNotFoundError(str(e)) from e     # a missing teacher is a missing input
+    ckpts = {t: str(teacher_path(t, teachers_dir)) for t in dict.fromkeys(t for t, _ in pairs)}  # before training
     for t, s in pairs:
         for m in methods:
             for seed in seeds:

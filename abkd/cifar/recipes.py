@@ -13,6 +13,7 @@ from ..results import (markdown_table, pair_label, paper_hyperparameters, paper_
                           published, training_fact, training_facts, verify_pinned_sha256)
 from ..vision_losses import VISION_LOSSES
 from .train import TrainConfig
+from ..training import DataNotFoundError
 
 # %% auto #0
 __all__ = ['TABLE4_PAIRS', 'TEACHER_SIZE_PAIRS', 'CROSS_ARCH_PAIRS', 'PAIRS', 'ALL_PAIRS', 'METHODS', 'CONTROLS', 'VARIANTS',
@@ -327,7 +328,7 @@ def teacher_path(name: str, teachers_dir) -> Path:
     entry, root = reg[name], Path(teachers_dir)
     path = root / entry.file
     if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} not found. Download {TEACHER_URL} and extract it into "
+        raise DataNotFoundError(f"teacher checkpoint {path} not found. Download {TEACHER_URL} and extract it into "
                                 f"{root}, or train the teacher with fit(teacher_recipe({name!r}), ...) and pass its "
                                 "checkpoint as teacher_checkpoint=")
     verify_pinned_sha256(path, root / "teachers.sha256.json", entry.file, entry.sha256,

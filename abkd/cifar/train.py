@@ -145,7 +145,7 @@ def fit(cfg: TrainConfig, model: nn.Module, datasets: dict, out_dir, teacher: Op
     optimizer, scheduler = make_optimizer(model, cfg)
     history, best, start = [], dict(epoch=None, select_acc=-math.inf, test_acc=None), 0
     ckpt = Checkpoint(out_dir, cfg)
-    saved = ckpt.load(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    saved = ckpt.load(resume, report=progress and run.main, model=model, optimizer=optimizer, scheduler=scheduler)
     if saved is not None: history, best, start = saved["history"], saved["best"], saved["epoch"]
     model, optimizer, bare = run.wrap(model, optimizer)
     select = "val" if datasets.get("val") is not None else "test"

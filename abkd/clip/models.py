@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from ..results import verify_pinned_sha256
+from ..training import DataNotFoundError
 
 # %% auto #0
 __all__ = ['NO_PROMPTS', 'BACKBONES', 'SOT', 'EOT', 'UNK', 'TEACHER_PROMPT_FILE', 'TEACHER_PROMPT_SOURCE', 'TEACHER_PROMPT_PINS',
@@ -249,7 +250,7 @@ TEACHER_PROMPT_FILE = "{dataset}/VLPromptLearner/model-best.pth.tar"
 TEACHER_PROMPT_SOURCE = ("PromptKD's released ViT-L/14 teacher prompts (zhengli97/PromptKD README: 'pre-trained teacher "
                          "ViT-L/14 CLIP models'), one folder per dataset")
 
-class TeacherPromptsNotFoundError(FileNotFoundError): pass
+class TeacherPromptsNotFoundError(DataNotFoundError): pass
 
 TEACHER_PROMPT_PINS = "teacher_prompts.sha256.json"
 

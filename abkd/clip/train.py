@@ -178,7 +178,7 @@ def fit_clip(cfg: CLIPTrainConfig, model: nn.Module, splits: BaseNewSplits, out_
         prepare_teacher(teacher, device, freeze=False)       # its prompts stay learnable for a later teacher stage
         with torch.no_grad(), mixed_precision(device, cfg.amp): g_teacher = teacher.text_features().float()
     ckpt = Checkpoint(out_dir, cfg)
-    saved = ckpt.load(resume, optimizer=optimizer)
+    saved = ckpt.load(resume, report=progress, optimizer=optimizer)
     if saved is not None: load_learned_state(model, saved["learned"])
     state = saved["state"] if saved is not None else dict(epoch=0, history=[])
     items = _train_items(cfg, splits)
