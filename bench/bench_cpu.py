@@ -4,6 +4,12 @@ Run from the repository root:
 
     python bench/bench_cpu.py            # N=512, V=50257, float32, alpha=0.2, beta=0.7 (2-3.5 minutes on 2 cores)
     python bench/bench_cpu.py --quick    # N=64, V=5000, 2 repeats (10-30 s; used by the smoke test)
+    python bench/bench_cpu.py --contend  # also abkd and official-style again beside one competing CPU-bound process
+
+With --contend the side-by-side runs twice in one invocation: first every implementation on the otherwise idle
+machine, then the implementations of --contend-impls (default abkd and official-style) again while one competing
+CPU-bound process runs (this script re-invoked with --compete: a single-threaded pure-Python loop, or a
+single-threaded torch matmul loop with --competitor matmul). Both ratios official / abkd go into the record.
 
 Each implementation runs in its own fresh Python process (this script re-invoked with --child). That process
 builds the seeded logits, resets the resident-memory high-water mark with `memory.reset_high_water`
@@ -34,6 +40,8 @@ IMPLS = {
     "official_style": "official-style (probability space)",
 }
 REFERENCE = "abkd"
+CLAIM = ("abkd", "official_style")          # the pair whose time ratio the README claims, idle and contended
+COMPETITORS = ("python", "matmul")
 DEFAULTS = dict(n=512, v=50257, repeats=5)
 QUICK = dict(n=64, v=5000, repeats=2)
 
@@ -141,6 +149,39 @@ def run_child(args) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- competitor side
+def compete(kind: str) -> None:
+    "Burn one CPU until killed: a pure-Python loop, or torch matmuls of 256×256 float32 on one thread."
+    if kind == "matmul":
+        torch.set_num_threads(1)
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+        while True: a = torch.mm(a, b).mul_(1 / 16)          # the scale keeps the values finite
+    x = 0
+    while True: x = (x + 1) % 1_000_003
+
+
+def start_competitor(kind: str) -> subprocess.Popen:
+    "One competing CPU-bound process (this script with --compete), running until `stop_competitor`."
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--compete", kind], env=env,
+                         cwd=str(REPO_ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)                                          # let it start (and import torch for matmul)
+    if p.poll() is not None: raise RuntimeError(f"the competing process ({kind}) exited with code {p.returncode}")
+    return p
+
+
+def stop_competitor(p: subprocess.Popen) -> None:
+    p.kill(); p.wait()
+
+
+def process_cpu_s(pid: int):
+    "CPU seconds (user + system) used so far by process `pid`, from /proc/<pid>/stat, or None."
+    try:
+        with open(f"/proc/{pid}/stat") as f: fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError): return None
+
+
 # -------------------------------------------------------------------------------------------------- parent side
 def cpu_model() -> str:
     "CPU model name from /proc/cpuinfo, else platform.processor()."
@@ -184,27 +225,61 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.10, window_s: float = 
     return time.perf_counter() - t0
 
 
-def run_impl(impl: str, args, workdir: str) -> dict:
+def run_impl(impl: str, args, workdir: str, competitor: subprocess.Popen | None = None) -> dict:
     "Run `impl` in a fresh subprocess (this script with --child) and return its measurements."
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--workdir", workdir,
            "--n", str(args.n), "--v", str(args.v), "--alpha", repr(args.alpha), "--beta", repr(args.beta),
            "--repeats", str(args.repeats), "--seed", str(args.seed), "--threads", str(args.threads),
            "--max-seconds", repr(args.max_seconds)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    rival0 = process_cpu_s(competitor.pid) if competitor else None
     busy0, own0, t0 = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT))
     wall = time.perf_counter() - t0
     busy1, own1 = _cpu_busy_s(), _children_cpu_s()
-    # share of all CPUs' time taken by *other* processes while this implementation's child ran
+    rival1 = process_cpu_s(competitor.pid) if competitor else None
+    rival = None if rival0 is None or rival1 is None else rival1 - rival0
+    # share of all CPUs' time taken by *other* processes (not the competitor) while this implementation's child ran
     other = None if busy0 is None or busy1 is None else \
-        max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+        max(0.0, (busy1 - busy0) - (own1 - own0) - (rival or 0.0)) / (wall * (os.cpu_count() or 1))
     if p.returncode != 0:
         return {"impl": impl, "error": f"child process failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}",
                 "process_s": wall}
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["process_s"] = wall
     if other is not None: res["other_cpu_share"] = other
+    if rival is not None: res["competitor_cpu_share"] = rival / (wall * (os.cpu_count() or 1))
     return res
+
+
+def measure_all(impls: list, args, competitor: str | None = None) -> dict:
+    "Run each implementation in its own fresh process, in order (abkd first), beside a competitor if one is named."
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="abkd_bench_") as workdir:
+        for impl in impls:
+            if args.wait_idle > 0:
+                waited = wait_for_idle(args.wait_idle)
+                if waited > 7: print(f"  (waited {waited:.0f} s for the CPUs to go idle)", flush=True)
+            rival = start_competitor(competitor) if competitor else None
+            try: r = run_impl(impl, args, workdir, rival)
+            finally:
+                if rival: stop_competitor(rival)
+            results[impl] = r
+            msg = r["error"].splitlines()[-1] if "error" in r else \
+                (f"median {statistics.median(r['times_ms']):.0f} ms over {len(r['times_ms'])} "
+                 f"(CPU user {r['cpu_user_s_per_run']:.2f} s, sys {r['cpu_sys_s_per_run']:.2f} s per pass), "
+                 f"peak {r['peak_extra_mib']:.0f} MiB")
+            print(f"  {IMPLS[impl]}: {msg}  ({r['process_s']:.1f} s)", flush=True)
+    return results
+
+
+def claim_ratios(results: dict, contended: dict) -> dict:
+    "official-style time / abkd time, idle and (if measured) beside the competitor."
+    def ratio(res):
+        a, b = (res.get(i, {}) for i in CLAIM)
+        return b["time_ms"] / a["time_ms"] if "time_ms" in a and "time_ms" in b and a["time_ms"] > 0 else None
+    out = {"official_over_abkd_idle": ratio(results), "official_over_abkd_contended": ratio(contended)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _fmt(x, spec: str, missing: str = "—") -> str:
@@ -252,7 +327,7 @@ def metrics_of(results: dict) -> dict:
     "Numbers only (save_record rejects anything else), keyed by implementation id."
     keep = ("time_ms", "times_ms", "runs", "warmup_ms", "cpu_user_s_per_run", "cpu_sys_s_per_run", "time_ratio",
             "peak_extra_mib", "mem_ratio", "peak_in_gradients", "loss_sum", "loss_rows_max_abs_diff", "loss_rows_max_rel_diff", "loss_sum_abs_diff",
-            "grad_max_abs_diff", "grad_max_abs", "process_s", "other_cpu_share")
+            "grad_max_abs_diff", "grad_max_abs", "process_s", "other_cpu_share", "competitor_cpu_share")
     return {impl: {k: r[k] for k in keep if k in r} for impl, r in results.items() if "error" not in r}
 
 
@@ -277,7 +352,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"N={QUICK['n']}, V={QUICK['v']}, repeats={QUICK['repeats']}")
     ap.add_argument("--out", default=None, help="JSON record path (default bench/results/cpu_<N>x<V>.json)")
     ap.add_argument("--no-save", action="store_true", help="print only, write no JSON record")
+    ap.add_argument("--contend", action="store_true",
+                    help="after the idle side-by-side, run --contend-impls again beside one competing CPU-bound process")
+    ap.add_argument("--contend-impls", default=",".join(CLAIM),
+                    help="implementations measured beside the competitor (default %(default)s)")
+    ap.add_argument("--competitor", choices=COMPETITORS, default="python",
+                    help="the competing process: a single-threaded pure-Python loop (default) or torch matmul loop")
     ap.add_argument("--child", choices=list(IMPLS), help=argparse.SUPPRESS)
+    ap.add_argument("--compete", choices=COMPETITORS, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -286,6 +368,8 @@ def main(argv=None) -> int:
     if args.n < 1 or args.v < 1 or args.repeats < 1 or args.threads < 1:
         ap.error("--n, --v, --repeats and --threads must be positive")
 
+    if args.compete:
+        compete(args.compete)
     if args.child:
         print(json.dumps(run_child(args)))
         return 0
@@ -294,6 +378,10 @@ def main(argv=None) -> int:
     bad = [i for i in impls if i not in IMPLS]
     if bad: ap.error(f"unknown implementation(s) {bad}; choose from {list(IMPLS)}")
     impls = [i for i in IMPLS if i in impls]          # fixed order, abkd first
+    contend_impls = [i.strip() for i in args.contend_impls.split(",") if i.strip()] if args.contend else []
+    bad = [i for i in contend_impls if i not in IMPLS]
+    if bad: ap.error(f"unknown implementation(s) in --contend-impls {bad}; choose from {list(IMPLS)}")
+    contend_impls = [i for i in IMPLS if i in contend_impls]
 
     import abkd
     grad_mib = args.n * args.v * 4 / 2**20
@@ -307,23 +395,16 @@ def main(argv=None) -> int:
     load_before = _loadavg()
     source = abkd_source_digest()
     t_start = time.perf_counter()
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="abkd_bench_") as workdir:
-        for impl in impls:
-            if args.wait_idle > 0:
-                waited = wait_for_idle(args.wait_idle)
-                if waited > 7: print(f"  (waited {waited:.0f} s for the CPUs to go idle)", flush=True)
-            r = run_impl(impl, args, workdir)
-            results[impl] = r
-            msg = r["error"].splitlines()[-1] if "error" in r else \
-                (f"median {statistics.median(r['times_ms']):.0f} ms over {len(r['times_ms'])} "
-                 f"(CPU user {r['cpu_user_s_per_run']:.2f} s, sys {r['cpu_sys_s_per_run']:.2f} s per pass), "
-                 f"peak {r['peak_extra_mib']:.0f} MiB")
-            print(f"  {IMPLS[impl]}: {msg}  ({r['process_s']:.1f} s)", flush=True)
+    results = measure_all(impls, args)
+    contended = {}
+    if contend_impls:
+        print(f"beside one competing CPU-bound process ({args.competitor}, 1 thread):", flush=True)
+        contended = measure_all(contend_impls, args, competitor=args.competitor)
     total_s = time.perf_counter() - t_start
     load_after = _loadavg()
     summarize(results, args.n, args.v)
-    changed = [i for i, r in results.items() if r.get("abkd_source", source) != source]
+    summarize(contended, args.n, args.v)
+    changed = [i for res in (results, contended) for i, r in res.items() if r.get("abkd_source", source) != source]
     if changed or abkd_source_digest() != source:
         print("\nwarning: the abkd sources changed during the run (implementations affected: "
               f"{', '.join(changed) or 'none yet'}); the rows may come from different code, rerun", flush=True)
@@ -342,6 +423,13 @@ def main(argv=None) -> int:
           f"implementation ran (timings are only comparable when it is near 0%).")
     print(f"total {total_s:.1f} s; load average before {_fmt_load(load_before)}, after {_fmt_load(load_after)} "
           f"on {os.cpu_count()} CPUs")
+    if contended:
+        print(f"\nbeside one competing CPU-bound process ({args.competitor}, 1 thread; 'other load' excludes it):")
+        print(table(contended))
+    ratios = claim_ratios(results, contended)
+    if ratios:
+        print("\nofficial-style time / abkd time: " + ", ".join(
+            f"{k.rsplit('_', 1)[1]} {v:.2f}×" for k, v in ratios.items()))
 
     if not args.no_save:
         from abkd.results import save_record
@@ -349,17 +437,23 @@ def main(argv=None) -> int:
         config = {"n": args.n, "v": args.v, "dtype": "float32", "alpha": args.alpha, "beta": args.beta,
                   "repeats": args.repeats, "warmup": 1, "max_seconds": args.max_seconds, "threads": args.threads,
                   "wait_idle": args.wait_idle, "omp_wait_policy": wait_policy,
+                  "contend": args.contend, "contend_impls": contend_impls,
+                  "competitor": args.competitor if args.contend else None,
                   "logits": "torch.randn (student, then teacher) after torch.manual_seed(seed)",
                   "implementations": {i: IMPLS[i] for i in impls}, "reference": REFERENCE,
                   "cpu_model": cpu_model(), "torch": torch.__version__, "gradient_mib": grad_mib,
                   "abkd_source_sha256_16": source, "abkd_source_changed": bool(changed) or abkd_source_digest() != source,
                   "loadavg_before": load_before, "loadavg_after": load_after, "total_s": total_s,
-                  "errors": {i: r["error"] for i, r in results.items() if "error" in r}}
-        save_record(out, experiment="bench_cpu", config=config, metrics=metrics_of(results), seed=args.seed,
+                  "errors": {i: r["error"] for i, r in results.items() if "error" in r},
+                  "errors_contended": {i: r["error"] for i, r in contended.items() if "error" in r}}
+        metrics = metrics_of(results)
+        if contended: metrics["contended"] = metrics_of(contended)
+        if ratios: metrics["ratios"] = ratios
+        save_record(out, experiment="bench_cpu", config=config, metrics=metrics, seed=args.seed,
                     notes="median wall time of forward+backward (time.perf_counter) and extra peak RSS (VmHWM) of one "
                           "forward+backward in a fresh process per implementation; see bench/README.md")
         print(f"saved {out}")
-    return 1 if any("error" in r for r in results.values() if r["impl"] == REFERENCE) else 0
+    return 1 if any("error" in r for res in (results, contended) for r in res.values() if r["impl"] == REFERENCE) else 0
 
 
 def _fmt_load(x):

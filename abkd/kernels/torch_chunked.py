@@ -13,8 +13,9 @@ from ..divergence import ab_terms_masked, compute_dtype
 from ..gradients import row_chunks, student_factor, teacher_factor
 
 # %% auto #0
-__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'horner_', 'below_',
-           'psi_', 'ab_terms_', 'grad_factor_', 'chunk_plan', 'ChunkedABDivergence', 'ab_divergence_chunked']
+__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'PSI_TINY', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'horner_',
+           'below_', 'psi_quotient_', 'psi_any_', 'ab_terms_', 'grad_factor_', 'chunk_plan', 'shifted_log_softmax_',
+           'shifted_log_probs_', 'ratio_and_mix_', 'ChunkedABDivergence', 'ab_divergence_chunked']
 
 # %% ../../nbs/03_torch_kernel.ipynb #13a39654
 def _unit_roundoff(dtype: torch.dtype) -> float: return torch.finfo(dtype).eps / 2
@@ -73,60 +74,68 @@ class Scratch:
             self.buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
         return self.buffers[name][:n]
 
+PSI_TINY = 1e-30   # below this ψ(h) = 1 in every precision: the clamp keeps expm1(−h)/(−h) away from 0/0
+
 def horner_(x: Tensor, coefs: tuple, out: Tensor) -> Tensor:
-    "Σ_n coefs[n]·x^n into `out` (Horner; one fused multiply-add per term)."
-    out.fill_(coefs[-1])
-    for c in reversed(coefs[:-1]): torch.addcmul(x.new_tensor(c), out, x, out=out)     # out ← c + out·x
+    "Σ_n coefs[n]·x^n into `out` (Horner; the first step c₋₂ + c₋₁x in one pass, then one fused multiply-add per term)."
+    if len(coefs) == 1: return out.fill_(coefs[0])
+    torch.add(x.new_tensor(coefs[-2]), x, alpha=coefs[-1], out=out)
+    for c in reversed(coefs[:-2]): torch.addcmul(x.new_tensor(c), out, x, out=out)     # out ← c + out·x
     return out
 
 def below_(x: Tensor, edge: float, out: Tensor) -> Tensor:
-    "The 0/1 mask [x < edge] into `out`, from two arithmetic operations (1 below, 0 above, 0 at the edge)."
-    return torch.add(x, -edge, out=out).mul_(-1e30).clamp_(0.0, 1.0)
+    "The 0/1 mask [x < edge] into `out`: clamp(10³⁰·edge − 10³⁰·x, 0, 1), two passes (0 at the edge and above)."
+    return torch.add(x.new_tensor(edge * 1e30), x, alpha=-1e30, out=out).clamp_(0.0, 1.0)
 
-def psi_(h: Tensor, plan: ABPlan, out: Tensor, tmp: Tensor, tmp2: Tensor, series: bool = True,
-         exp_out: Tensor | None = None) -> Tensor:
-    "ψ(h) = (1 − e^{−h})/h for h ≥ 0 into `out`: the quotient above PSI_KNOT, the series below (if `series`)."
-    hl = torch.clamp(h, min=PSI_KNOT, out=tmp)
-    if exp_out is None: torch.neg(hl, out=out).exp_().neg_().add_(1.0).div_(hl)
-    else: torch.neg(torch.neg(hl, out=exp_out).exp_(), out=out).add_(1.0).div_(hl)   # e^{−max(h, knot)} kept
-    if not series: return out
-    poly = horner_(torch.clamp(h, max=PSI_KNOT, out=tmp), plan.psi_series, tmp2)
-    return out.add_(poly.sub_(out).mul_(below_(h, PSI_KNOT, tmp)))
+def psi_quotient_(neg_h: Tensor, out: Tensor, tmp: Tensor, exp_out: Tensor | None = None) -> Tensor:
+    """ψ(h) = (1 − e^{−h})/h from −h into `out`, for h ≥ PSI_KNOT (h is clamped there); e^{−max(h, knot)} kept in
+    `exp_out` if given. Four passes."""
+    nh = torch.clamp(neg_h, max=-PSI_KNOT, out=tmp)
+    e = torch.exp(nh, out=out if exp_out is None else exp_out)
+    return torch.sub(e, 1.0, out=out).div_(nh)                                         # (e^{−h} − 1)/(−h)
+
+def psi_any_(neg_h: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+    "ψ(h) = expm1(−h)/(−h) from −h ≤ 0 into `out`, for every h ≥ 0 (ψ(0) = 1). Three passes."
+    nh = torch.clamp(neg_h, max=-PSI_TINY, out=tmp)
+    return torch.expm1(nh, out=out).div_(nh)
 
 # %% ../../nbs/03_torch_kernel.ipynb #0a0d1e11
 def ab_terms_(r: Tensor, y: Tensor, plan: ABPlan, W: Scratch, n: int) -> Tensor:
-    "r²·e[x, y, z] per entry of n rows from r = lq − lp and y = α·lp + β·lq (finite; y is overwritten)."
-    M = plan.spread
-    rp = torch.clamp(r, min=0.0, out=W("r_plus", n))                     # r⁺
-    c = torch.mul(r, plan.k_lo, out=W("c", n)).add_(rp, alpha=M)          # largest node − y
-    spread = torch.abs(r, out=W("spread", n))
-    gap_up, gap_down = plan.k_hi - plan.k_mid, plan.k_mid - plan.k_lo
-    h_hi = torch.mul(spread, gap_down, out=W("h_hi", n)).add_(rp, alpha=gap_up - gap_down)
-    spread.mul_(M)
-    h_lo = torch.sub(spread, h_hi, out=rp)                                # r⁺ no longer needed
-    tmp, tmp2 = W("tmp", n), W("tmp2", n)
-    psi_lo = psi_(h_lo, plan, W("psi_lo", n), tmp, tmp2, plan.psi_needs_series)
+    "r²·e[x, y, z] per entry of n rows from r = lq − lp and y = α·lp + β·lq (finite; r and y are kept)."
+    M, g_up, g_down = plan.spread, plan.k_hi - plan.k_mid, plan.k_mid - plan.k_lo
+    rp = torch.clamp(r, min=0.0, out=W("r_plus", n))                                  # r⁺
+    a = torch.abs(r, out=W("abs_r", n))                                               # |r|
+    spread = torch.mul(a, M, out=W("spread", n))                                      # M|r|
+    neg_hi = torch.mul(a, -g_down, out=W("neg_h_hi", n)).add_(rp, alpha=g_down - g_up)  # −h_hi
+    neg_lo = a.mul_(-g_up).add_(rp, alpha=g_up - g_down)                              # −h_lo = h_hi − spread
+    tmp, psi_hi, psi_lo = W("tmp", n), W("psi_hi", n), W("psi_lo", n)
     if plan.psi_needs_series:
-        psi_hi = psi_(h_hi, plan, W("psi_hi", n), tmp, tmp2, True)
-        exp_hi = h_hi.neg_().exp_()                                       # e^{−h_hi}
-    else:      # h_hi ≥ PSI_KNOT wherever the quotient is used: ψ's own e^{−h_hi} serves there
+        psi_any_(neg_lo, psi_lo, tmp)
+        psi_any_(neg_hi, psi_hi, tmp)
+        exp_hi = torch.exp(neg_hi, out=rp)                                            # e^{−h_hi}
+    else:      # h_hi, h_lo ≥ PSI_KNOT wherever the quotient is used: the quotient form, and its e^{−h_hi}
+        psi_quotient_(neg_lo, psi_lo, tmp)
         exp_hi = W("exp_hi", n)
-        psi_hi = psi_(h_hi, plan, W("psi_hi", n), tmp, tmp2, False, exp_out=exp_hi)
-    quotient = exp_hi.mul_(psi_lo).neg_().add_(psi_hi)                    # ψ(h_hi) − e^{−h_hi}ψ(h_lo)
+        psi_quotient_(neg_hi, psi_hi, tmp, exp_out=exp_hi)
+    quotient = torch.addcmul(psi_hi, exp_hi, psi_lo, value=-1.0, out=psi_hi)          # ψ(h_hi) − e^{−h_hi}ψ(h_lo)
     quotient.div_(torch.clamp(spread, min=plan.tau, out=tmp))
-    inside = below_(spread, plan.tau, W("inside", n))                      # 1 where the series is used
+    inside = below_(spread, plan.tau, spread)                                         # 1 where the series is used
     bound = plan.tau / M if M > 0 else math.inf
-    series = horner_(torch.clamp(r, -bound, bound, out=tmp), plan.f_series, tmp2)
-    term = quotient.add_(series.sub_(quotient).mul_(inside))
-    shift = torch.addcmul(c, inside, c, value=-1.0, out=tmp).add_(y).exp_()   # e^{y + c} outside, e^{y} inside
+    series = horner_(torch.clamp(r, -bound, bound, out=tmp), plan.f_series, psi_lo)
+    term = torch.lerp(quotient, series, inside, out=quotient)
+    top = torch.sub(y, neg_hi, out=tmp)                                               # y + h_hi
+    if plan.k_mid != 0: top.add_(r, alpha=plan.k_mid)                                 # + k_mid·r: the largest node
+    shift = torch.lerp(top, y, inside, out=top).exp_()                                # e^{top} outside, e^{y} inside
     return term.mul_(shift).mul_(r).mul_(r)
 
-def grad_factor_(r: Tensor, y: Tensor, plan: ABPlan, W: Scratch, n: int, wrt: str) -> Tensor:
-    "g = r·ψ(|αr|)·e^{y+(αr)⁺} (wrt='student') or h = −r·ψ(|βr|)·e^{y+(−βr)⁺} ('teacher'); y is overwritten."
-    v = torch.mul(r, plan.alpha if wrt == "student" else -plan.beta, out=W("v", n))   # z − y or x − y
-    factor = psi_(torch.abs(v, out=W("abs_v", n)), plan, W("factor", n), W("tmp", n), W("tmp2", n))
-    factor.mul_(r).mul_(y.add_(v.clamp_min_(0.0)).exp_())
-    return factor if wrt == "student" else factor.neg_()
+def grad_factor_(r: Tensor, abs_r: Tensor, y: Tensor, log_prob: Tensor, plan: ABPlan, W: Scratch, n: int,
+                 wrt: str) -> Tensor:
+    """f = r·ψ(|αr|)·e^{max(y, σ·lq)} (wrt='student', log_prob = lq) or r·ψ(|βr|)·e^{max(y, σ·lp)} ('teacher',
+    log_prob = lp): the student factor g = f, the teacher factor h = −f (the caller flips the sign). Inputs kept."""
+    k = abs(plan.alpha if wrt == "student" else plan.beta)
+    factor = psi_any_(torch.mul(abs_r, -k, out=W("factor", n)), W("factor", n), W("tmp", n))   # ψ(k|r|)
+    top = torch.mul(log_prob, plan.sigma, out=W("top", n))                            # z = σ·lq (or x = σ·lp)
+    return factor.mul_(torch.maximum(top, y, out=top).exp_()).mul_(r)                 # the larger node of the pair
 
 # %% ../../nbs/03_torch_kernel.ipynb #0f858e24
 CHUNK_ELEMENTS = 1 << 19   # elements per chunk here: ~15 buffers of 2 MiB each in float32, reused chunk after chunk
@@ -140,22 +149,27 @@ def _upcast(x: Tensor, dtype: torch.dtype, out: Tensor) -> Tensor:
     "x in the compute dtype: itself if it has it, else copied into `out`."
     return x if x.dtype == dtype else out.copy_(x)
 
-def _log_partition(x: Tensor, inv_t: float, tmp: Tensor) -> Tensor:
-    "log Σ_k exp(x_k·inv_t) per row, [rows, 1] (x in the compute dtype)."
+def shifted_log_softmax_(x: Tensor, inv_t: float, out: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(lq, m, log l) per row of x (compute dtype): m = max_k x_k, z = (x − m)/T, l = Σ_k e^{z_k}, lq = z − log l
+    into `out`. The max and the log-sum stay apart, so lq carries no rounding of the logits' offset."""
     m = x.amax(-1, keepdim=True)
-    z = torch.sub(x, m, out=tmp)
+    z = torch.sub(x, m, out=out)                       # exact near the max (Sterbenz), whatever the offset
     if inv_t != 1.0: z.mul_(inv_t)
-    return z.exp_().sum(-1, keepdim=True).log_().add_(m * inv_t)
+    log_l = torch.exp(z, out=tmp).sum(-1, keepdim=True).log_()
+    return z.sub_(log_l), m, log_l
 
-def _ratio_and_mix_(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, plan: ABPlan, inv_t: float,
-                    r: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    "r = lq − lp = (s − t)/T − (B − A) and y = α·lp + β·lq = (α t + β s)/T − (αA + βB), into r and y."
-    torch.sub(s, t, out=r).mul_(inv_t).sub_(lse_s - lse_t)
-    torch.mul(t, plan.alpha * inv_t, out=y).add_(s, alpha=plan.beta * inv_t).sub_(plan.alpha * lse_t + plan.beta * lse_s)
-    return r, y
+def shifted_log_probs_(x: Tensor, m: Tensor, log_l: Tensor, inv_t: float, out: Tensor) -> Tensor:
+    "lq = (x − m)/T − log l into `out`, from the saved m and log l (as `shifted_log_softmax_` formed it)."
+    z = torch.sub(x, m, out=out)
+    if inv_t != 1.0: z.mul_(inv_t)
+    return z.sub_(log_l)
+
+def ratio_and_mix_(lp: Tensor, lq: Tensor, plan: ABPlan, r: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    "r = lq − lp and y = α·lp + β·lq, from the shifted log-probabilities, into r and y."
+    return torch.sub(lq, lp, out=r), torch.mul(lp, plan.alpha, out=y).add_(lq, alpha=plan.beta)
 
 class ChunkedABDivergence(torch.autograd.Function):
-    "Per-row D_AB(p‖q) of [N, V] logits in chunks of rows; saves its inputs and 2N log-partition values."
+    "Per-row D_AB(p‖q) of [N, V] logits in chunks of rows; saves its inputs and 4N numbers (row maxima, log-sums)."
     @staticmethod
     def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float,
                 chunk_elements: int | None = None):
@@ -163,26 +177,27 @@ class ChunkedABDivergence(torch.autograd.Function):
         dtype, (n, V) = compute_dtype(s, t), s.shape
         plan, inv_t, (chunks, rows) = ab_plan(alpha, beta, dtype), 1.0 / temperature, chunk_plan(n, V, chunk_elements)
         W = Scratch(rows, V, dtype, s.device)                           # this pass's buffers
-        values, lse_s, lse_t = (s.new_empty(n, *shape, dtype=dtype) for shape in ((), (1,), (1,)))
+        values = s.new_empty(n, dtype=dtype)
+        m_s, l_s, m_t, l_t = (s.new_empty(n, 1, dtype=dtype) for _ in range(4))   # row maxima and log-sums
         masked = []                                                     # chunks that hold −inf logits
         for i, j in chunks:
             k = j - i
             sc, tc = _upcast(s[i:j], dtype, W("s", k)), _upcast(t[i:j], dtype, W("t", k))
-            lse_s[i:j], lse_t[i:j] = _log_partition(sc, inv_t, W("tmp", k)), _log_partition(tc, inv_t, W("tmp", k))
-            r, y = _ratio_and_mix_(sc, tc, lse_s[i:j], lse_t[i:j], plan, inv_t, W("r", k), W("y", k))
+            lq, m_s[i:j], l_s[i:j] = shifted_log_softmax_(sc, inv_t, W("lq", k), W("tmp", k))
+            lp, m_t[i:j], l_t[i:j] = shifted_log_softmax_(tc, inv_t, W("lp", k), W("tmp", k))
+            r, y = ratio_and_mix_(lp, lq, plan, W("r", k), W("y", k))
             values[i:j] = ab_terms_(r, y, plan, W, k).sum(-1)
             if not bool(torch.isfinite(values[i:j]).all()):               # −inf logits: the core's closed forms
                 masked.append(i)
-                lp, lq = tc * inv_t - lse_t[i:j], sc * inv_t - lse_s[i:j]
                 values[i:j] = ab_terms_masked(lp, lq, alpha, beta).sum(-1)
-        ctx.save_for_backward(s, t, lse_s, lse_t)
+        ctx.save_for_backward(s, t, m_s, l_s, m_t, l_t)
         ctx.hyper, ctx.chunk_elements, ctx.masked = (alpha, beta, temperature), chunk_elements, set(masked)
         return values
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_values: Tensor):
-        s, t, lse_s, lse_t = ctx.saved_tensors
+        s, t, m_s, l_s, m_t, l_t = ctx.saved_tensors
         alpha, beta, temperature = ctx.hyper
         dtype, (n, V) = compute_dtype(s, t), s.shape
         plan, inv_t, (chunks, rows) = ab_plan(alpha, beta, dtype), 1.0 / temperature, chunk_plan(n, V, ctx.chunk_elements)
@@ -192,20 +207,26 @@ class ChunkedABDivergence(torch.autograd.Function):
         for i, j in chunks:
             k = j - i
             w = grad_values[i:j].to(dtype).unsqueeze(-1) * inv_t                      # ∂L/∂D_row · 1/T
-            sc, tc = _upcast(s[i:j], dtype, W("s", k)), _upcast(t[i:j], dtype, W("t", k))
+            lq = shifted_log_probs_(_upcast(s[i:j], dtype, W("s", k)), m_s[i:j], l_s[i:j], inv_t, W("lq", k))
+            lp = shifted_log_probs_(_upcast(t[i:j], dtype, W("t", k)), m_t[i:j], l_t[i:j], inv_t, W("lp", k))
+            if i not in ctx.masked:
+                r, y = ratio_and_mix_(lp, lq, plan, W("r", k), W("y", k))
+                abs_r = torch.abs(r, out=W("abs_r", k))
             for side, grad in grads.items():
                 if grad is None: continue
+                log_prob, sign = (lq, 1.0) if side == "student" else (lp, -1.0)
                 if i in ctx.masked:
-                    lp, lq = tc * inv_t - lse_t[i:j], sc * inv_t - lse_s[i:j]
                     factor = (student_factor if side == "student" else teacher_factor)(lp, lq, alpha, beta)
+                    sign = 1.0
                 else:
-                    r, y = _ratio_and_mix_(sc, tc, lse_s[i:j], lse_t[i:j], plan, inv_t, W("r", k), W("y", k))
-                    factor = grad_factor_(r, y, plan, W, k, side)
-                x, lse = (sc, lse_s) if side == "student" else (tc, lse_t)
-                prob = torch.mul(x, inv_t, out=W("prob", k)).sub_(lse[i:j]).exp_()    # q (or p)
-                prob.mul_(factor.sum(-1, keepdim=True))                               # π·Σf
-                if grad.dtype == dtype: torch.mul(factor.sub_(prob), w, out=grad[i:j])  # w·(f − π Σf)/T
-                else: grad[i:j] = factor.sub_(prob).mul_(w)
+                    factor = grad_factor_(r, abs_r, y, log_prob, plan, W, k, side)     # g, or −h
+                wf = w * sign
+                prob = torch.exp(log_prob, out=W("prob", k))                          # q (or p)
+                total = factor.sum(-1, keepdim=True).mul_(wf)                         # w·Σf
+                direct = grad.dtype == dtype                                          # else: round once
+                out = torch.mul(factor, wf, out=grad[i:j] if direct else W("grad", k))
+                out.addcmul_(prob, total, value=-1.0)                                 # w·(f − π Σf)/T
+                if not direct: grad[i:j] = out
         return grads["student"], grads["teacher"], None, None, None, None
 
 def ab_divergence_chunked(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float,
