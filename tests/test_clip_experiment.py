@@ -18,8 +18,28 @@ def test_short_smoke_run(tmp_path):
     assert len(recs) == 2 and {r["config"]["method"] for r in recs} == {"kd", "abkd"}
     assert all(set(r["metrics"]) >= {"base", "new", "hm", "teacher_hm"} for r in recs)
     table = written[-1].read_text()
-    assert "| Caltech101 | ABKD (n=1) |" in table and "published PromptKD" in table
-    assert "98.91" in table and "paper value not recorded" in table
+    assert "| Caltech101 | ABKD (n=1) | λ=1000, T=1, α=0.8, β=0.2, ÷B |" in table
+    assert "| Caltech101 | KD (PromptKD) (n=1) | λ=1000, T=1, ÷B·C |" in table
+    # Table 16 beside ours: KD base 98.91, ABKD ("Ours") HM 98.18, the teacher's base 98.71, and the difference
+    kd_base = recs[[r["config"]["method"] for r in recs].index("kd")]["metrics"]["base"]
+    assert f"| {kd_base:.2f} | 98.91 | {kd_base - 98.91:+.2f} |" in table and "| 98.18 |" in table and "| 98.71 |" in table
+    assert all(r["config"]["recipe"]["source"] and r["config"]["selection"] == "last epoch" for r in recs)
+
+
+def test_presets_read_the_paper_and_refuse_unknown_names():
+    from abkd.clip.experiment import METHODS, method_config, method_recipe
+    from abkd.results import paper_hyperparameters, training_fact
+    assert method_config("oxford_pets", "abkd", 1).loss_params == dict(alpha=0.8, beta=0.4, temperature=1.0)
+    assert (method_config("fgvc_aircraft", "ablsd", 1).loss_params["alpha"],
+            method_config("fgvc_aircraft", "ablsd", 1).loss_params["beta"]) == paper_hyperparameters(6, "FGVCAircraft")
+    assert method_config("imagenet", "ttm", 1).lr == training_fact("base_to_new", "lr") == 0.005
+    assert method_config("dtd", "dkd", 1).loss_params == dict(temperature=1.0, tckd_weight=1.0, nckd_weight=1.0, warmup=0.0)
+    assert method_recipe("dtd", "kd", 300.0)["kd_weight_source"].startswith("chosen on base-class validation")
+    assert set(METHODS) == {"kd", "abkd", "dkd", "abdkd", "lsd", "ablsd", "ttm", "abttm"}
+    with pytest.raises(ValueError, match="unknown method 'crd'; choose from kd, abkd, dkd"):
+        method_config("dtd", "crd", 1)
+    with pytest.raises(KeyError, match="unknown dataset 'mnist'; known: imagenet, caltech101"):
+        method_config("mnist", "abkd", 1)
 
 
 def test_paper_path_with_released_teacher_prompts(tmp_path):
@@ -43,8 +63,16 @@ def test_paper_path_with_released_teacher_prompts(tmp_path):
         reproduce_paper(tmp_path / "out", tmp_path / "data", tmp_path / "nowhere", datasets=("dtd",), methods=("kd",),
                         seeds=(1,), models=models, epochs=2, image_size=32, progress=False)
     written = reproduce_paper(tmp_path / "out", tmp_path / "data", tmp_path / "teachers", datasets=("dtd",),
-                              methods=("abttm",), seeds=(1,), models=models, epochs=2, image_size=32, progress=False)
+                              methods=("abttm",), seeds=(1,), models=models, epochs=2, image_size=32, progress=False,
+                              kd_weight_grid=(100, 3000))
     recs = load_records(tmp_path / "out" / "clip" / "records")
     assert len(recs) == 1 and recs[0]["config"]["scale"] == "paper" and recs[0]["config"]["method"] == "abttm"
-    assert "| DTD | ABTTM (n=1) |" in written[-1].read_text()
+    # λ chosen on base-class validation from the grid: the best score, its scores stored in the record
+    scores = {float(k): v for k, v in recs[0]["config"]["kd_weight_scores"].items()}
+    assert set(scores) == {100.0, 3000.0} and recs[0]["config"]["kd_weight"] == max(scores, key=lambda w: (scores[w], -w))
+    assert len(load_records(tmp_path / "out" / "clip" / "selection")) == 2
+    assert "| DTD | ABTTM (n=1) |" in written[-1].read_text() and "not in Table 16" in written[-1].read_text()
+    with pytest.raises(ValueError, match="kd_weight must be 'select', 'official' or a number"):
+        reproduce_paper(tmp_path / "out", tmp_path / "data", tmp_path / "teachers", datasets=("dtd",), kd_weight="best",
+                        models=models)
 

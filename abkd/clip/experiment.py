@@ -15,36 +15,80 @@ from .metrics import harmonic_mean
 from .models import (BACKBONES, PromptConfig, PromptedCLIP, PromptKDStudent, class_prompts, encode_image,
                               encode_text, load_clip, load_clip_tokenizer, load_teacher_prompts, teacher_prompt_path,
                               tiny_clip_config, word_tokenizer)
-from .train import CLIPTrainConfig, fit_clip, save_clip_record
+from dataclasses import dataclass
+from .train import KD_SCALING, MODEL_SELECTION, CLIPTrainConfig, fit_clip, save_clip_record
 from ..training import inputs_hint, load_pretrained
-from ..results import (by_scale, cite_published, format_mean_std, load_records, markdown_table, published,
-                          published_number, write_markdown)
+from ..results import (by_scale, format_mean_std, load_records, markdown_table, paper_hyperparameters, paper_number,
+                          paper_source, training_fact, training_facts, write_markdown)
 
 # %% auto #0
-__all__ = ['AB_DEFAULT', 'METHODS', 'AB_GRID', 'METHOD_LABELS', 'SMOKE', 'PAPER', 'method_config', 'run_method', 'published_rows',
-           'results_table', 'pretrain_standin_clip', 'smoke_models', 'train_teacher_prompts', 'reproduce_smoke',
-           'paper_models', 'reproduce_paper', 'reproduce']
+__all__ = ['B2N', 'KD_WEIGHT_GRID', 'OFFICIAL_LR', 'METHODS', 'AB_GRID', 'METHOD_LABELS', 'NOT_IN_PAPER', 'CONFLICTS', 'SMOKE',
+           'PAPER', 'ClipMethod', 'known_method', 'ab_params', 'method_recipe', 'method_config', 'run_method',
+           'recipe_label', 'results_table', 'conflicts_table', 'pretrain_standin_clip', 'smoke_models',
+           'train_teacher_prompts', 'reproduce_smoke', 'paper_models', 'select_kd_weight', 'reproduce_paper',
+           'reproduce']
 
 # %% ../../nbs/21_clip_experiment.ipynb #5e7fb529
-AB_DEFAULT = dict(alpha=0.8, beta=0.2)
+B2N = "base_to_new"
+KD_WEIGHT_GRID = tuple(training_fact(B2N, "kd_weight_grid"))
+OFFICIAL_LR = training_facts(B2N)["lr"]["official"]["value"]
+
+@dataclass(frozen=True)
+class ClipMethod:
+    "One method of the CLIP experiment: its vision loss, settings, their source, and its row in Table 16."
+    loss: str
+    params: dict
+    source: str
+    paper_row: Optional[str] = None      # Table 16 row; None: the paper reports no base-to-new number
+    ab: bool = False                     # takes Table 6's (α, β)
+
+_OFF = "ghwang-s/abkd base_to_new_classification/scripts/promptkd"
+_AB_EXT = "no base-to-new result in the paper: Table 6's ABKD (α, β) on the parent's recipe"
+_DKD = dict(temperature=1.0, tckd_weight=1.0, nckd_weight=1.0, warmup=0.0)
 METHODS = {
-    "kd": ("kd", dict(temperature=1.0)),
-    "abkd": ("abkd", dict(AB_DEFAULT, temperature=1.0)),
-    "dkd": ("dkd", dict(temperature=1.0, warmup=1.0)),
-    "abdkd": ("abdkd", dict(AB_DEFAULT, temperature=1.0, warmup=1.0)),
-    "lsd": ("lsd", dict(temperature=2.0)),
-    "ablsd": ("ablsd", dict(AB_DEFAULT, temperature=2.0)),
-    "ttm": ("ttm", dict(gamma=0.1)),
-    "abttm": ("abttm", dict(AB_DEFAULT, gamma=0.1)),
+    "kd": ClipMethod("kd", dict(temperature=1.0), f"PromptKD; {_OFF}/base2new_train_kd.sh (T = 1)", "KD"),
+    "abkd": ClipMethod("abkd", dict(temperature=1.0), f"ABKD paper (ICML 2025), Table 6 (α, β); {_OFF}/base2new_train_ab.sh "
+                       "(T = 1)", "ABKD", ab=True),
+    "dkd": ClipMethod("dkd", _DKD, f"{_OFF}/base2new_train_dkd.sh (T = 1, dkd_alpha 1, dkd_beta 1 of {{0.5, 1}}, "
+                      "warm-up factor 1)", "DKD"),
+    "abdkd": ClipMethod("abdkd", dict(_DKD, ab_tckd=False), f"{_AB_EXT} dkd; TCKD kept KL", ab=True),
+    "lsd": ClipMethod("lsd", dict(temperature=2.0), f"{_OFF}/base2new_train_ls.sh (T searched in 1..4; 2 here)", "LSD"),
+    "ablsd": ClipMethod("ablsd", dict(temperature=2.0), f"{_AB_EXT} lsd", ab=True),
+    "ttm": ClipMethod("ttm", dict(gamma=0.1), f"{_OFF}/base2new_train_ttm.sh (ttm_l 0.1); not in Table 16"),
+    "abttm": ClipMethod("abttm", dict(gamma=0.1), f"{_AB_EXT} ttm", ab=True),
 }
 AB_GRID = [(round(a, 1), round(s - a, 1)) for s in (1.0, 1.1, 1.2, 1.3) for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)]
 
-def method_config(dataset: str, method: str, seed: int, **overrides) -> CLIPTrainConfig:
-    "The CLIPTrainConfig of `method` on `dataset` (the PromptKD recipe) with `overrides`."
+def known_method(method: str) -> ClipMethod:
+    "METHODS[method], or an error listing the known methods."
     if method not in METHODS: raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    loss, params = METHODS[method]
-    params = dict(params, **overrides.pop("loss_params", {}))
-    return CLIPTrainConfig(dataset=dataset, stage="kd", method=loss, loss_params=params, seed=seed, **overrides)
+    return METHODS[method]
+
+def ab_params(dataset: str) -> dict:
+    "Table 6's (α, β) of `dataset` (an unknown dataset is an error listing the known ones)."
+    alpha, beta = paper_hyperparameters(6, dataset_spec(dataset).title)
+    return dict(alpha=alpha, beta=beta)
+
+def method_recipe(dataset: str, method: str, kd_weight: Optional[float] = None) -> dict:
+    "What a run of `method` on `dataset` uses and where each number comes from (stored in its record)."
+    m, spec = known_method(method), dataset_spec(dataset)
+    params = dict(m.params, **(ab_params(dataset) if m.ab else {}))
+    scaling = KD_SCALING[m.loss]
+    return dict(method=method, loss=m.loss, loss_params=params, source=m.source,
+                alpha_beta_source=paper_source("Table 6") if m.ab else None,
+                kd_weight=spec.kd_weight if kd_weight is None else kd_weight,
+                kd_weight_source="PromptKD per-dataset KD_WEIGHT (fallback)" if kd_weight is None else
+                                 f"chosen on base-class validation from {list(KD_WEIGHT_GRID)}",
+                ce_weight=0.0, temperature=params.get("temperature"), scaling=scaling.per,
+                scaling_source=scaling.source, lr_source=training_facts(B2N)["lr"]["source"],
+                selection=MODEL_SELECTION)
+
+def method_config(dataset: str, method: str, seed: int, **overrides) -> CLIPTrainConfig:
+    "The CLIPTrainConfig of `method` on `dataset` (`method_recipe`) with `overrides` (loss_params merged)."
+    r = method_recipe(dataset, method, overrides.pop("kd_weight", None))
+    params = dict(r["loss_params"], **overrides.pop("loss_params", {}))
+    return CLIPTrainConfig(dataset=dataset, stage="kd", method=r["loss"], loss_params=params, seed=seed,
+                           kd_weight=r["kd_weight"], **overrides)
 
 # %% ../../nbs/21_clip_experiment.ipynb #17aacef6
 def run_method(cfg: CLIPTrainConfig, make_student, teacher: PromptedCLIP, splits, out_dir, *, device=None,
@@ -62,42 +106,86 @@ def run_method(cfg: CLIPTrainConfig, make_student, teacher: PromptedCLIP, splits
 # %% ../../nbs/21_clip_experiment.ipynb #3ab5de7e
 METHOD_LABELS = {"kd": "KD (PromptKD)", "abkd": "ABKD", "dkd": "DKD", "abdkd": "ABDKD", "lsd": "LSD", "ablsd": "ABLSD",
                  "ttm": "TTM", "abttm": "ABTTM"}
-_LOSS_TO_METHOD = {loss: m for m, (loss, _) in METHODS.items()}
+_LOSS_TO_METHOD = {m.loss: name for name, m in METHODS.items()}
+_COLUMNS = (("base", "Base"), ("new", "Novel"), ("hm", "HM"))
+NOT_IN_PAPER = "not in Table 16"
 
-def published_rows(dataset: str) -> list[list[str]]:
-    "Published base / new / HM rows for one dataset (HM computed from base and new)."
-    title, rows = dataset_spec(dataset).title, []
-    pk = published("clip_promptkd")
-    if title in pk["rows"]:
-        b, n = pk["rows"][title]["base"], pk["rows"][title]["new"]
-        rows.append([title, "published PromptKD [clip_promptkd]", published_number(pk, title, "base"),
-                     published_number(pk, title, "new"), f"{harmonic_mean(b, n):.2f}"])
-    ab = published("clip_abkd_paper")
-    rows.append([title, "published ABKD [clip_abkd_paper]"] +
-                [published_number(ab, title, c) or ab["missing"] for c in ("base", "new", "HM")])
-    return rows
+def _paper_cells(title: str, row: Optional[str], ours: list) -> list[str]:
+    "[ours, paper, ours − paper] for base, new, HM; `ours`: one metrics dict per seed."
+    out = []
+    for key, col in _COLUMNS:
+        vals = [m[key] for m in ours]
+        mine = format_mean_std(vals, count=False)
+        if row is None: out += [mine, NOT_IN_PAPER, ""]; continue
+        paper = paper_number(16, row, col, title)
+        out += [mine, f"{paper:.2f}", f"{sum(vals) / len(vals) - paper:+.2f}"]
+    return out
+
+def recipe_label(config: dict) -> str:
+    "λ, T, α, β and the normalisation of one record's run."
+    p, m = config["loss_params"], config["method"]
+    parts = [f"λ={config['kd_weight']:g}"] + [f"{k}={p[k]:g}" for k in ("temperature", "gamma", "alpha", "beta") if k in p]
+    return ", ".join(parts).replace("temperature", "T").replace("gamma", "γ").replace("alpha", "α").replace("beta", "β") + \
+        f", ÷{'B·C' if KD_SCALING[m].per == 'batch·classes' else 'B'}"
 
 def results_table(records: Sequence[dict]) -> str:
-    "Markdown: base / new / HM per dataset and method (mean ± std over seeds), the teacher, the published rows."
-    groups, teachers = {}, {}
+    "Markdown: per dataset and method, the recipe, ours (mean ± std), Table 16's number and the difference."
+    groups, teachers, recipes = {}, {}, {}
     for r in records:
         ds = r["config"]["dataset"]; m = r["metrics"]
         method = _LOSS_TO_METHOD.get(r["config"]["method"], r["config"]["method"])
         groups.setdefault((ds, method), []).append(m)
-        teachers.setdefault(ds, m)
+        recipes.setdefault((ds, method), recipe_label(r["config"]))
+        teachers.setdefault(ds, []).append(m)
     rows = []
     for ds in [d for d in DATASETS if d in teachers]:
-        title, t = dataset_spec(ds).title, teachers[ds]
-        if "teacher_base" in t:
-            rows.append([title, "teacher (prompted)", f"{t['teacher_base']:.2f}", f"{t['teacher_new']:.2f}",
-                         f"{t['teacher_hm']:.2f}"])
+        title = dataset_spec(ds).title
+        t = [dict(base=m["teacher_base"], new=m["teacher_new"], hm=m["teacher_hm"]) for m in teachers[ds][:1]
+             if "teacher_base" in m]
+        if t: rows.append([title, "Teacher (prompted)", "CE on base shots"] + _paper_cells(title, "Teacher", t))
         for method in [m for m in METHODS if (ds, m) in groups]:
             ms = groups[(ds, method)]
-            rows.append([title, f"{METHOD_LABELS[method]} (n={len(ms)})"] +
-                        [format_mean_std([x[k] for x in ms], count=False) for k in ("base", "new", "hm")])
-        rows += published_rows(ds)
-    head = ["dataset", "method", "base", "new", "HM"]
-    return markdown_table(head, rows) + f"\n\nPublished: {cite_published(['clip_promptkd', 'clip_abkd_paper'])}"
+            rows.append([title, f"{METHOD_LABELS[method]} (n={len(ms)})", recipes[(ds, method)]] +
+                        _paper_cells(title, METHODS[method].paper_row, ms))
+    head = ["dataset", "method", "recipe"] + [h for _, c in _COLUMNS for h in (c, f"{c} (paper)", "Δ")]
+    return (markdown_table(head, rows) + f"\n\nPaper: {paper_source('16')} (ViT-L/14 → ViT-B/16). Model: "
+            f"{MODEL_SELECTION}. Δ = our mean − paper. CE weight 0 for every method.")
+
+# %% ../../nbs/21_clip_experiment.ipynb #b0d646ab
+CONFLICTS = [
+    dict(topic="learning rate", paper=f"{training_fact(B2N, 'lr')} for all methods",
+         official=f"AB, KD and DKD scripts leave the config's {OFFICIAL_LR}; LS and TTM scripts set 0.005",
+         ours=f"{training_fact(B2N, 'lr')} for every method; {OFFICIAL_LR} is OFFICIAL_LR (a named variant)",
+         why="the paper states its setting; one rate for every method keeps the comparison fair"),
+    dict(topic="loss normalisation per method", paper="silent (λ·D)",
+         official="kd, ls: KL sum / (B·C)·T²; ab, dkd, ttm: batch mean (ab without T²)",
+         ours="the official's, per method (KD_SCALING)",
+         why="the paper's λ grid was searched with that scaling; λ means nothing without it"),
+    dict(topic="λ (KD weight) per dataset", paper=f"searched in {list(KD_WEIGHT_GRID)}; chosen values not reported",
+         official="an argument of the AB script; KD 200, DKD 100, LS and TTM 1000 fixed in their scripts; PromptKD: "
+                  "200 for FGVCAircraft, Flowers102, DTD, else 1000",
+         ours="chosen on base-class validation from the paper's grid (PAPER); PromptKD's per-dataset weight as the "
+              "fallback (smoke)",
+         why="the paper's rule, on a validation split rather than on test"),
+    dict(topic="model selection", paper="silent",
+         official="TEST.FINAL_MODEL best_val, and val is the base-class test split",
+         ours=f"{MODEL_SELECTION} (reported and stored in every record)",
+         why="choosing the epoch on test accuracy leaks the test set into the reported number"),
+    dict(topic="DKD target class", paper="students train on the unlabeled training set",
+         official="DKD reads the ground-truth label of every training image (base and new classes)",
+         ours="the teacher's argmax (labels='teacher'); labels='ground_truth' reproduces the official",
+         why="the paper's protocol is label-free; new-class labels would leak into the student"),
+    dict(topic="DKD weights", paper="silent", official="dkd_alpha 1, dkd_beta in {0.5, 1}, warm-up factor 1, T = 1",
+         ours="TCKD 1, NCKD 1, warm-up factor 1, T = 1", why="the official script (NCKD 1: its parser default)"),
+    dict(topic="AB extensions (ABDKD, ABLSD, ABTTM)", paper="no base-to-new result; Table 6 for ABKD",
+         official="no script", ours="Table 6's per-dataset (α, β) on the parent's recipe; ABDKD's TCKD stays KL",
+         why="only α, β change from the parent method, as in the paper's CIFAR recipes"),
+]
+
+def conflicts_table() -> str:
+    "CONFLICTS as markdown."
+    keys = ("topic", "paper", "official", "ours", "why")
+    return markdown_table(["topic", "paper", "official code", "we follow", "why"], [[c[k] for k in keys] for c in CONFLICTS])
 
 # %% ../../nbs/21_clip_experiment.ipynb #8b8bf28e
 SMOKE = dict(datasets=("dtd", "eurosat"), n_classes=8, n_train=16, n_val=2, n_test=10, image_size=32, shots=8,
@@ -166,13 +254,15 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
             for method in smoke["methods"]:
                 cfg = method_config(ds, method, seed, epochs=smoke["epochs"], image_size=smoke["image_size"])
                 written.append(run_method(cfg, make_student, teacher, splits, root, progress=progress,
-                                          extra_config=dict(scale="smoke")))
+                                          extra_config=dict(scale="smoke", recipe=method_recipe(ds, method))))
     note = (f"**Smoke scale**: stand-in images in CoOp's layout ({smoke['n_classes']} classes, {smoke['n_train']} "
             f"training images per class, {smoke['image_size']} px), tiny CLIPs (teacher width "
             f"{smoke['teacher']['width']}, student width {smoke['student']['width']}, {smoke['layers']} layers), teacher "
             f"prompts trained here on {smoke['shots']} shots per base class; mean ± std over seeds {list(smoke['seeds'])}. These numbers exercise the code path; "
             "the backbones were pretrained here on a separate draw of stand-in images of every class (a stand-in for CLIP's "
-            "web pretraining), then frozen. The published rows are ViT-L/14 → ViT-B/16 on the real datasets.")
+            "web pretraining), then frozen. Each stand-in borrows the settings of the dataset it is named after (Table 6's "
+            "α, β; PromptKD's λ, the fallback: no λ search at this scale). The paper's numbers are ViT-L/14 → ViT-B/16 "
+            "on the real datasets.")
     return written + [write_markdown(root / "table.md", "CLIP base-to-new (smoke)", note,
                                      results_table(load_records(root / "records")))]
 
@@ -191,12 +281,31 @@ def paper_models(classnames: Sequence[str]):
     dim = teacher.clip.config.projection_dim
     return teacher, lambda: PromptKDStudent(PromptedCLIP(student_clip, tok, classnames), teacher_dim=dim)
 
-PAPER = dict(datasets=tuple(DATASETS), methods=tuple(METHODS), seeds=(1, 2, 3))
+PAPER = dict(datasets=tuple(DATASETS), methods=tuple(METHODS), seeds=(1, 2, 3), kd_weight="select",
+             kd_weight_grid=KD_WEIGHT_GRID)
+
+def select_kd_weight(dataset: str, method: str, make_student, teacher, splits, out_dir, grid: Sequence[float] = KD_WEIGHT_GRID,
+                     seed: int = 1, progress: bool = True, **overrides) -> tuple[float, dict]:
+    "(λ, {λ: base-class validation accuracy}): one run per λ of `grid`; the first λ of the highest accuracy."
+    if not grid: raise ValueError("grid must hold at least one kd_weight")
+    scores = {}
+    for w in grid:
+        cfg = method_config(dataset, method, seed, kd_weight=float(w), **overrides)
+        path = run_method(cfg, make_student, teacher, splits, Path(out_dir) / f"kd_weight{w:g}", progress=progress,
+                          extra_config=dict(scale="selection"))
+        scores[float(w)] = load_records(path.parent)[0]["metrics"]["val_base"]
+    return max(scores, key=lambda w: (scores[w], -list(scores).index(w))), scores
 
 def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequence[str] = PAPER["datasets"],
                     methods: Sequence[str] = PAPER["methods"], seeds: Sequence[int] = PAPER["seeds"],
-                    train_teacher: bool = False, progress: bool = True, models=paper_models, **overrides) -> list[Path]:
-    "Every dataset × method × seed at the paper's scale (`overrides`: CLIPTrainConfig fields); records and the table."
+                    train_teacher: bool = False, progress: bool = True, models=paper_models,
+                    kd_weight=PAPER["kd_weight"], kd_weight_grid: Sequence[float] = PAPER["kd_weight_grid"],
+                    **overrides) -> list[Path]:
+    """Every dataset × method × seed at the paper's scale (`overrides`: CLIPTrainConfig fields); records and the table.
+    kd_weight: "select" (λ chosen per dataset and method on base-class validation, first seed), "official" (PromptKD's
+    per-dataset weight) or a number."""
+    if not (kd_weight in ("select", "official") or isinstance(kd_weight, (int, float))):
+        raise ValueError(f"kd_weight must be 'select', 'official' or a number, got {kd_weight!r}")
     root = Path(out_dir) / "clip"
     data_root = Path(data_root or os.environ.get("ABKD_CLIP_DATA", "data"))
     teachers_dir = Path(teachers_dir or os.environ.get("ABKD_CLIP_TEACHERS", "teacher_model"))
@@ -210,10 +319,17 @@ def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequen
                 train_teacher_prompts(teacher, splits, root / "teachers" / ds,
                                       CLIPTrainConfig(dataset=ds, stage="teacher", **overrides), progress)
             else: load_teacher_prompts(teacher, teacher_prompt_path(teachers_dir, dataset_spec(ds).teacher))
-        for seed in seeds:
-            for method in methods:
-                written.append(run_method(method_config(ds, method, seed, **overrides), make_student, teacher, splits, root,
-                                          progress=progress, extra_config=dict(scale="paper")))
+        for method in methods:
+            known_method(method)
+            w, extra = (None if kd_weight == "official" else kd_weight), dict(scale="paper")
+            if kd_weight == "select":
+                w, scores = select_kd_weight(ds, method, make_student, teacher, splits, root / "selection" / ds / method,
+                                             kd_weight_grid, seeds[0], progress, **overrides)
+                extra["kd_weight_scores"] = {f"{k:g}": v for k, v in scores.items()}
+            for seed in seeds:
+                cfg = method_config(ds, method, seed, kd_weight=w, **overrides)
+                extra["recipe"] = method_recipe(ds, method, w)
+                written.append(run_method(cfg, make_student, teacher, splits, root, progress=progress, extra_config=extra))
     return written + [write_markdown(root / "table.md", "CLIP base-to-new", results_table(load_records(root / "records")))]
 
 def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .data import BaseNewSplits, ImageList, clip_transform, dataset_spec
 from .metrics import accuracy, harmonic_mean
 from .models import PromptedCLIP
-from ..results import save_record
+from ..results import save_record, training_fact
 from ..training import (
     Checkpoint, check_finite, epoch_loader, epochs_to_run, mixed_precision, prepare_teacher, progress_bar,
     resolve_device)
@@ -23,10 +23,13 @@ from ..losses import NON_NEGATIVE, check_interval, positive
 from ..vision_losses import VISION_LOSSES, get_vision_loss
 
 # %% auto #0
-__all__ = ['CLIPTrainConfig', 'epoch_lr', 'make_objective', 'kd_objective', 'frozen_names', 'learned_state', 'load_learned_state',
-           'class_logits', 'evaluate_base_new', 'fit_clip', 'save_clip_record']
+__all__ = ['TARGET_LABELS', 'KD_SCALING', 'MODEL_SELECTION', 'CLIPTrainConfig', 'epoch_lr', 'make_objective', 'KDScaling',
+           'kd_scale', 'kd_objective', 'frozen_names', 'learned_state', 'load_learned_state', 'class_logits',
+           'evaluate_base_new', 'evaluate_base_val', 'fit_clip', 'save_clip_record']
 
 # %% ../../nbs/20_clip_train.ipynb #0ca527a3
+TARGET_LABELS = ("teacher", "ground_truth")
+
 @dataclass
 class CLIPTrainConfig:
     "Everything one teacher-prompt or student-distillation run depends on."
@@ -35,9 +38,10 @@ class CLIPTrainConfig:
     method: str = "kd"                       # kd: a name of abkd.vision_losses
     loss_params: dict = field(default_factory=dict)
     kd_weight: Optional[float] = None        # None: the dataset's PromptKD weight
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 0.005
+    labels: str = "teacher"                  # target class of DKD-type losses: "teacher" (argmax) or "ground_truth"
+    epochs: int = training_fact("base_to_new", "epochs")
+    batch_size: int = training_fact("base_to_new", "batch_size")
+    lr: float = training_fact("base_to_new", "lr")
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
@@ -64,6 +68,8 @@ class CLIPTrainConfig:
         check_interval(self.momentum, "momentum", 0, 1, hi_open=True)
         if self.kd_weight is not None: NON_NEGATIVE(self.kd_weight, "kd_weight")
         check_flag(self.amp, "amp")
+        if self.labels not in TARGET_LABELS:
+            raise ValueError(f"labels must be one of {', '.join(map(repr, TARGET_LABELS))}, got {self.labels!r}")
 
     @property
     def weight(self) -> float:
@@ -83,11 +89,44 @@ def make_objective(cfg: CLIPTrainConfig) -> nn.Module:
     "The vision loss of cfg.method with cfg.loss_params (no CE term: kd_weight 1, ce_weight 0)."
     return get_vision_loss(cfg.method, ce_weight=0.0, kd_weight=1.0, **cfg.loss_params)
 
+@dataclass(frozen=True)
+class KDScaling:
+    "How the official base-to-new code normalises one method's loss."
+    per: str                 # "batch·classes": sum / (B·C); "batch": batch mean of the per-row loss
+    t_squared: bool          # the official form carries T² (False: ours is divided by T²; no-temperature losses: True)
+    source: str
+
+_TRAINER = "ghwang-s/abkd base_to_new_classification/trainers/promptkd.py forward_backward"
+KD_SCALING = {
+    "kd": KDScaling("batch·classes", True, f"losses/kd.py DistillKL: kl_div(reduction='sum')·T²/stu_logits.numel(); "
+                                            f"× KD_WEIGHT in {_TRAINER}"),
+    "lsd": KDScaling("batch·classes", True, f"{_TRAINER}, distill 'ls': kl_div(reduction='sum')·T²/stu_logits.numel() "
+                                            "of z-scored logits, × KD_WEIGHT"),
+    "abkd": KDScaling("batch", False, f"losses/abkl.py ABKL: per-row D_AB, loss.mean(), no T²; × KD_WEIGHT in {_TRAINER}"),
+    "dkd": KDScaling("batch", True, "losses/dkd.py dkd_loss: kl_div(size_average=False)·T²/B per term; "
+                                    f"× KD_WEIGHT in {_TRAINER}"),
+    "ttm": KDScaling("batch", True, f"losses/ttm.py TTM: per-row KL, torch.mean; × KD_WEIGHT in {_TRAINER}"),
+    "ablsd": KDScaling("batch·classes", True, "no official base-to-new script: as its parent 'ls'"),
+    "abdkd": KDScaling("batch", True, "no official base-to-new script: as its parent 'dkd'"),
+    "abttm": KDScaling("batch", True, "no official base-to-new script: as its parent 'ttm'"),
+    "wttm": KDScaling("batch", True, "no official base-to-new script: as 'ttm'"),
+}
+
+def kd_scale(cfg: CLIPTrainConfig, loss: nn.Module, n_classes: int) -> float:
+    "w / n_C / n_T: the factor that turns our T²·(batch-mean) loss into the official base-to-new objective."
+    s = KD_SCALING[cfg.method]
+    n_c = n_classes if s.per == "batch·classes" else 1
+    n_t = 1.0 if s.t_squared else loss.hyper["temperature"] ** 2
+    return cfg.weight / n_c / n_t
+
 def kd_objective(cfg: CLIPTrainConfig, loss: nn.Module, student_logits: Tensor, teacher_logits: Tensor,
-                 epoch: float) -> Tensor:
-    "(w / C) · ℓ(z^S, z^T), the targets of target-aware losses being the teacher's argmax."
-    pseudo = teacher_logits.argmax(-1)
-    return cfg.weight / student_logits.shape[-1] * loss(student_logits.float(), teacher_logits.float(), pseudo, epoch)
+                 epoch: float, labels: Optional[Tensor] = None) -> Tensor:
+    "kd_scale · ℓ(z^S, z^T); target-aware losses take the teacher's argmax, or `labels` when cfg.labels is 'ground_truth'."
+    if cfg.labels == "teacher": targets = teacher_logits.argmax(-1)
+    elif labels is None: raise ValueError("cfg.labels is 'ground_truth' but no labels were passed to kd_objective")
+    else: targets = labels
+    scale = kd_scale(cfg, loss, student_logits.shape[-1])
+    return scale * loss(student_logits.float(), teacher_logits.float(), targets, epoch)
 
 # %% ../../nbs/20_clip_train.ipynb #fdc97280
 def frozen_names(model: nn.Module) -> set[str]:
@@ -134,6 +173,16 @@ def evaluate_base_new(model: nn.Module, splits: BaseNewSplits, text_features: Te
     new = accuracy(*class_logits(model, splits.test_new, g[m:], cfg, device))
     return dict(base=base, new=new, hm=harmonic_mean(base, new))
 
+MODEL_SELECTION = "last epoch"
+
+@torch.no_grad()
+def evaluate_base_val(model: nn.Module, splits: BaseNewSplits, text_features: Tensor, cfg: CLIPTrainConfig,
+                      device=None) -> float:
+    "Top-1 accuracy (%) on the base classes' validation images: the split hyperparameters are chosen on."
+    if not splits.val_base: raise ValueError(f"{splits.name!r} has no base-class validation images")
+    device = resolve_device(device)
+    return accuracy(*class_logits(model, splits.val_base, text_features.to(device)[:splits.n_base], cfg, device))
+
 # %% ../../nbs/20_clip_train.ipynb #9acabab3
 def _train_items(cfg: CLIPTrainConfig, splits: BaseNewSplits):
     if cfg.stage == "teacher": return splits.train_base
@@ -154,7 +203,7 @@ def _train_epoch(cfg: CLIPTrainConfig, model: nn.Module, loader, optimizer, spli
                 loss = F.cross_entropy(model(x, model.text_features()[:splits.n_base]).float(), y)
             else:
                 with torch.no_grad(): t_logits = teacher(x, g_teacher)
-                loss = kd_objective(cfg, loss_fn, model(x, g_teacher), t_logits, epoch + step / len(loader))
+                loss = kd_objective(cfg, loss_fn, model(x, g_teacher), t_logits, epoch + step / len(loader), y)
         check_finite(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
         total, n = total + loss.item() * len(x), n + len(x)
@@ -199,6 +248,7 @@ def fit_clip(cfg: CLIPTrainConfig, model: nn.Module, splits: BaseNewSplits, out_
         else:
             with torch.no_grad(): g = model.eval().text_features().float()
         result["metrics"] = evaluate_base_new(model, splits, g, cfg, device)
+        if splits.val_base: result["metrics"]["val_base"] = evaluate_base_val(model, splits, g, cfg, device)
         if cfg.stage == "kd": result["teacher_metrics"] = evaluate_base_new(teacher, splits, g, cfg, device)
     return result
 
@@ -207,6 +257,7 @@ def save_clip_record(path, result: dict, extra_config: Optional[dict] = None) ->
     if "metrics" not in result: raise ValueError("the run is not finished: no metrics to record")
     metrics = dict(result["metrics"])
     metrics.update({f"teacher_{k}": v for k, v in result.get("teacher_metrics", {}).items()})
-    return save_record(path, experiment="clip/base2new", config=dict(result["config"], **(extra_config or {})),
+    config = dict(result["config"], selection=MODEL_SELECTION, **(extra_config or {}))
+    return save_record(path, experiment="clip/base2new", config=config,
                        metrics=metrics, seed=result["config"]["seed"],
                        notes=f"final loss {result['history'][-1]['loss']:.6g}")
