@@ -3,9 +3,9 @@ import pytest
 import torch
 import abkd.cifar.experiment as E
 from abkd.cli import main
-from abkd.results import load_record
+from abkd.results import load_record, pair_label, paper_number
 from abkd.cifar.data import build_synthetic_cifar100
-from abkd.cifar.recipes import teacher_recipe
+from abkd.cifar.recipes import ALL_PAIRS, method_config, methods_for, teacher_recipe
 from abkd.cifar.train import TrainConfig
 
 
@@ -22,11 +22,13 @@ def test_end_to_end_teacher_then_student_on_standin_files(tiny_data, tmp_path):
     assert trec["experiment"] == "cifar100" and trec["metrics"]["epochs_run"] == 1
     assert "git" in trec["provenance"] and trec["config"]["synthetic"] is True
     scfg = TrainConfig("resnet8", loss="abkd", loss_params=dict(alpha=0.8, beta=0.2), teacher="resnet8",
-                       teacher_checkpoint=str(tmp_path / "teacher" / "best_model.pt"), epochs=1, batch_size=50)
+                       teacher_checkpoint=str(tmp_path / "teacher" / "best_model.pt"), epochs=1, batch_size=50,
+                       method="abkd", recipe_source="given (a test)")
     srec = E.run_config(scfg, tiny_data, tmp_path / "student", synthetic=True, progress=False)
     assert 0 <= srec["metrics"]["last_test_acc"] <= 100
+    assert (srec["config"]["method"], srec["config"]["recipe_source"]) == ("abkd", "given (a test)")
     table = E.results_table([srec, trec])
-    assert "resnet8 → resnet8" in table and "ABKD (α=0.8, β=0.2)" in table and "paper value not recorded" in table
+    assert "resnet8 → resnet8" in table and "ABKD (α=0.8, β=0.2)" in table and "resnet8 (teacher)" in table
 
 
 def test_grid_search_chooses_on_validation(tiny_data, tmp_path):
@@ -52,6 +54,77 @@ def test_cli_reproduce_cifar100_smoke_path(monkeypatch, tmp_path):
     assert main(["reproduce", "--only", "cifar100", "--out", str(tmp_path)]) == 0
     out = tmp_path / "cifar100"
     assert (out / "table.md").exists() and (out / "teacher" / "result.json").exists()
-    assert sorted(p.name for p in (out / "students").iterdir()) == ["abkd_seed0", "kd_seed0"]
-    assert "Smoke scale" in (out / "table.md").read_text()
+    assert sorted(p.name for p in (out / "students").iterdir()) == ["abkd_seed0", "fkl_at_abkd_weights_seed0", "kd_seed0"]
+    text = (out / "table.md").read_text()
+    assert "Smoke scale" in text and "ranks nothing" in text and "fkl_at_abkd_weights (α=1, β=0): CE 1, 32 (2·T²) on D" in text
+    rec = load_record(out / "students" / "fkl_at_abkd_weights_seed0" / "result.json")
+    assert rec["config"]["method"] == "fkl_at_abkd_weights" and rec["config"]["loss"] == "abkd"
+    assert rec["config"]["recipe_source"] == method_config("fkl_at_abkd_weights", "resnet8", "resnet8",
+                                                           setting=tiny["setting"])["source"]
 
+
+
+def fake_record(teacher, student, method, best, loss=None, loss_params=None):
+    "A result record as run_config writes it (config and metrics only), for the table."
+    if teacher is None: config = dict(model=student, teacher=None, loss="ce", loss_params={}, method=None)
+    else:
+        c = method_config(method, teacher, student)
+        config = dict(model=student, teacher=teacher, loss=loss or c["loss"], method=method,
+                      loss_params=loss_params or c["loss_params"])
+    return dict(config=dict(config, best_chosen_on="test"), metrics=dict(last_test_acc=best - 1, best_test_acc=best))
+
+
+def row_of(table, *cells):
+    "The one table row holding every cell of `cells` (as ' | cell |' pieces)."
+    rows = [line for line in table.splitlines() if all(f"| {c} |" in line for c in cells)]
+    assert len(rows) == 1, (cells, rows)
+    return rows[0]
+
+
+def test_table_shows_weights_the_papers_cell_and_the_difference():
+    pair = "resnet56 → resnet20"
+    recs = [fake_record("resnet56", "resnet20", "abkd", b) for b in (72.0, 71.6)]
+    recs += [fake_record("resnet56", "resnet20", "fkl_at_abkd_weights", b) for b in (71.0, 71.2)]
+    recs += [fake_record("resnet56", "resnet20", "kd", 70.0), fake_record(None, "resnet56", None, 72.0),
+             fake_record("ResNet50", "vgg8", "abkd", 75.0), fake_record("wrn_40_2", "wrn_16_2", "dkd", 76.0)]
+    table = E.results_table(recs)
+    ab = paper_number(13, pair, "α-β-divergence")
+    abkd = row_of(table, pair, "ABKD (α=0.8, β=0.3)")
+    assert "| 1 | 32 (2·T²) | 4 | 2 |" in abkd and "71.80 ± 0.28 [test]" in abkd and f"| {71.8 - ab:+.2f} |" in abkd
+    assert f"{ab:.2f} (0.16) [Table 13]" in abkd
+    kd = row_of(table, pair, "KD")
+    assert "| 0.1 | 14.4 (0.9·T²) | 4 | 1 |" in kd and f"| {70.0 - paper_number(13, pair, 'FKLD'):+.2f} |" in kd
+    assert "[cifar100_kd_dkd]" in kd                               # the original repository's number stays beside
+    control = row_of(table, pair, "fkl_at_abkd_weights (α=1, β=0)")   # ABKD's loss, its own row
+    assert "| 1 | 32 (2·T²) | 4 | 2 |" in control and "the paper has no such column" in control
+    teacher = row_of(table, "resnet56 (teacher)")
+    assert f"| {72.0 - paper_number(13, pair, 'Teacher'):+.2f} |" in teacher and "[cifar100_teachers]" in teacher
+    cross = row_of(table, "ResNet50 → vgg8", "ABKD (α=0.9, β=0.2)")
+    assert "[Table 14]" in cross and f"| {75.0 - paper_number(14, 'ResNet50 → vgg8', 'ABKD'):+.2f} |" in cross
+    assert "| Fig. 5 only [Fig. 5] | — |" in row_of(table, "wrn_40_2 → wrn_16_2", "DKD")
+    assert "Table 13" in table.split("\n\n")[-1] and "Fig. 5" in table.split("\n\n")[-1]
+
+
+def test_table_rows_not_run_and_stand_in_cells():
+    table = E.results_table([], planned=[("resnet20", "resnet8", "rkl_at_abkd_weights"), ("resnet20", "resnet8", "abkd")])
+    rkl = row_of(table, "resnet20 → resnet8", "rkl_at_abkd_weights (α=0, β=1)")
+    assert "not run" in rkl and f"{paper_number(13, 'resnet56 → resnet20', 'RKLD'):.2f}" in rkl
+    assert "[Table 13, resnet56 → resnet20]" in rkl            # the stand-in pair shows the paper pair it uses
+    assert "resnet20 (teacher)" in table
+
+
+def test_weight_on_divergence_matches_every_preset():
+    for t, s in ALL_PAIRS:
+        for m in methods_for(t, s):
+            c = method_config(m, t, s)
+            assert E.weight_on_divergence(c["loss_params"]) == c["divergence_weight"], (t, s, m)
+
+
+def test_smoke_and_paper_presets_include_the_controls():
+    assert "fkl_at_abkd_weights" in E.SMOKE["methods"]
+    assert set(E.PAPER["methods"]) >= {"fkl_at_abkd_weights", "rkl_at_abkd_weights", "abkd", "kd"}
+    cfgs = E.smoke_configs("t.pt")
+    assert len({E.run_folder(c) for c in cfgs}) == len(cfgs) == len(E.SMOKE["methods"]) * len(E.SMOKE["seeds"])
+    assert all(c.method and c.recipe_source for c in cfgs)
+    cfg = E.paper_recipe("resnet56", "resnet20", "rkl_at_abkd_weights")
+    assert (cfg.method, cfg.loss, cfg.loss_params["beta"]) == ("rkl_at_abkd_weights", "abkd", 1.0)

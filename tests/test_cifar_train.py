@@ -82,6 +82,30 @@ def test_train_config_errors():
     assert TrainConfig("resnet8", milestones=[150.0, 180]).milestones == (150, 180)
 
 
+
+def test_method_and_recipe_source_are_checked_and_recorded():
+    kw = dict(loss="abkd", loss_params=dict(alpha=1.0, beta=0.0), teacher="resnet20")
+    cfg = TrainConfig("resnet8", method="fkl_at_abkd_weights", recipe_source="control at ABKD's weights", **kw)
+    d = cfg.to_dict()
+    assert (d["method"], d["recipe_source"]) == ("fkl_at_abkd_weights", "control at ABKD's weights")
+    assert TrainConfig("resnet8", **kw).to_dict()["method"] is None
+    # two recipes of one loss are two configurations (ids, checkpoints)
+    assert cfg.run_id() != TrainConfig("resnet8", method="abkd", **kw).run_id()
+    for bad, exc, match in ((dict(kw, method=3), TypeError, "method must be None or a recipe name"),
+                            (dict(kw, method=""), ValueError, "letters, digits"),
+                            (dict(kw, method="a/b"), ValueError, "it names run folders"),
+                            (dict(method="kd"), ValueError, "loss='ce' trains from labels"),
+                            (dict(kw, recipe_source=None), TypeError, "recipe_source must be a str")):
+        with pytest.raises(exc, match=match):
+            TrainConfig("resnet8", **bad)
+
+
+def test_checkpoint_of_another_recipe_of_the_same_loss_is_refused(tmp_path):
+    fit(TOY, toy_model(), DATA, tmp_path, stop_after=1, progress=False)
+    import dataclasses
+    with pytest.raises(ValueError, match="another configuration"):
+        fit(dataclasses.replace(TOY, recipe_source="another source"), toy_model(), DATA, tmp_path, progress=False)
+
 def test_two_process_ddp_run(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(f"""

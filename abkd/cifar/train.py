@@ -4,7 +4,7 @@
 
 # %% ../../nbs/14_cifar_train.ipynb #03dab44b
 from __future__ import annotations
-import dataclasses, hashlib, json, math, time
+import dataclasses, hashlib, json, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,7 +19,8 @@ from ..losses import NON_NEGATIVE, check_interval, positive
 from ..vision_losses import VISION_LOSSES, get_vision_loss
 
 # %% auto #0
-__all__ = ['SMALL_LR_MODELS', 'recipe_lr', 'TrainConfig', 'make_loss', 'make_optimizer', 'train_epoch', 'evaluate', 'fit']
+__all__ = ['SMALL_LR_MODELS', 'METHOD_NAME', 'recipe_lr', 'check_method', 'TrainConfig', 'make_loss', 'make_optimizer',
+           'train_epoch', 'evaluate', 'fit']
 
 # %% ../../nbs/14_cifar_train.ipynb #b2ebc987
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")     # lr 0.01 in the published recipe
@@ -27,6 +28,19 @@ SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")     # lr 0.01 in the
 def recipe_lr(model: str) -> float:
     "The published initial learning rate for `model`: 0.01 for MobileNetV2/ShuffleNets, else 0.05."
     return 0.01 if model in SMALL_LR_MODELS else 0.05
+
+METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+def check_method(method: Optional[str], loss: str) -> None:
+    "A recipe name names run folders and table rows: letters, digits, '_', '.', '-'; it distills, so loss != 'ce'."
+    if method is None: return
+    if not isinstance(method, str): raise TypeError(f"method must be None or a recipe name (str), got {method!r}")
+    if not METHOD_NAME.fullmatch(method):
+        raise ValueError(f"method must be a recipe name of letters, digits, '_', '.' and '-' (it names run folders), "
+                         f"e.g. 'fkl_at_abkd_weights', got {method!r}")
+    if loss == "ce":
+        raise ValueError(f"method {method!r} names a distillation recipe but loss='ce' trains from labels: set loss= "
+                         "the recipe's loss, or method=None")
 
 @dataclass
 class TrainConfig:
@@ -47,6 +61,8 @@ class TrainConfig:
     val_fraction: float = 0.0                    # > 0: a seeded validation split chooses the best epoch
     num_classes: int = 100
     amp: bool = True                             # bf16 autocast on CUDA (ignored on the CPU)
+    method: Optional[str] = None                 # the recipe's name (e.g. "fkl_at_abkd_weights"; several share a loss)
+    recipe_source: str = ""                      # where the recipe's numbers come from (its record's `source`)
 
     def __post_init__(self):
         "Every field checked here, so a bad configuration fails when it is written, not epochs into a run."
@@ -70,6 +86,9 @@ class TrainConfig:
         check_interval(self.momentum, "momentum", 0, 1, hi_open=True)
         check_interval(self.lr_decay, "lr_decay", 0, 1, lo_open=True)
         check_flag(self.amp, "amp")
+        check_method(self.method, self.loss)
+        if not isinstance(self.recipe_source, str):
+            raise TypeError(f"recipe_source must be a str (the recipe record's source), got {type(self.recipe_source).__name__}")
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
     def run_id(self) -> str:
