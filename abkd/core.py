@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from .divergence import apply_divergence, check_ab_logit_values, check_flag, check_hyperparameters, check_reduction
 from .gradients import ABDivergenceFunction
-from .kernels.torch_chunked import ab_divergence_chunked
+from .kernels.torch_chunked import ab_divergence_chunked, ab_divergence_compiled
 from .kernels.fused_linear import fused_linear_divergence
 if importlib.util.find_spec("triton") is not None:
     from abkd.kernels.triton_kernels import ab_divergence_triton, triton_self_check
@@ -57,6 +57,8 @@ IMPLEMENTATIONS = {i.name: i for i in (
                    repeat_backward=True),
     Implementation("chunked", ab_divergence_chunked, "03_torch_kernel", row_mask=False, inplace_grad=False,
                    repeat_backward=True),
+    Implementation("compiled", ab_divergence_compiled, "03_torch_kernel", row_mask=False, inplace_grad=False,
+                   repeat_backward=True, devices=("cpu",)),
     Implementation("triton", ab_divergence_triton, "04_triton_kernel", row_mask=True, inplace_grad=True,
                    repeat_backward=False, devices=("cuda",), package="triton", cpu_interpreter="TRITON_INTERPRET"),
 )}
@@ -111,6 +113,8 @@ def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, 
     The teacher is a constant: `teacher_logits` that require a gradient are refused (compute them under
     `torch.no_grad()` or pass `.detach()`); `teacher_grad=True` differentiates through the teacher on purpose.
     `impl`: 'auto' (Triton on CUDA when installed and its self-check passes, else 'chunked'), 'triton', 'chunked',
+    'compiled' (opt-in, CPU: the chunked math through torch.compile, a few parallel regions per chunk instead of
+    dozens, so it keeps its speed beside other CPU work; needs a C++ compiler; the first call compiles, ~3–25 s),
     or 'reference' (the closed form of notebooks 00–01); see `IMPLEMENTATIONS`. All give the same values and
     gradients."""
     alpha, beta, temperature = check_hyperparameters(alpha, beta, temperature)

@@ -4,12 +4,13 @@ Run from the repository root:
 
     python bench/bench_cpu.py            # N=512, V=50257, float32, alpha=0.2, beta=0.7 (2-3.5 minutes on 2 cores)
     python bench/bench_cpu.py --quick    # N=64, V=5000, 2 repeats (10-30 s; used by the smoke test)
-    python bench/bench_cpu.py --contend  # also abkd and official-style again beside one competing CPU-bound process
+    python bench/bench_cpu.py --contend  # also abkd, abkd compiled and official-style beside one competing process
 
 With --contend the side-by-side runs twice in one invocation: first every implementation on the otherwise idle
-machine, then the implementations of --contend-impls (default abkd and official-style) again while one competing
+machine, then the implementations of --contend-impls (default abkd, abkd_compiled, official-style) again while one competing
 CPU-bound process runs (this script re-invoked with --compete: a single-threaded pure-Python loop, or a
-single-threaded torch matmul loop with --competitor matmul). Both ratios official / abkd go into the record.
+single-threaded torch matmul loop with --competitor matmul). The ratios official / abkd and official / abkd compiled,
+idle and contended, go into the record; abkd_compiled's first call (the torch.compile) is timed apart as first_call_ms.
 
 Each implementation runs in its own fresh Python process (this script re-invoked with --child). That process
 builds the seeded logits, resets the resident-memory high-water mark with `memory.reset_high_water`
@@ -34,6 +35,7 @@ import torch
 # id -> table label, in the order they run (abkd first: the others are compared with it)
 IMPLS = {
     "abkd": "abkd (chunked kernel path, the CPU default)",
+    "abkd_compiled": "abkd compiled (torch.compile of the chunked math, opt-in)",
     "abkd_reference": "abkd impl='reference' (the closed-form core)",
     "plain_branch_free": "plain autograd (branch-free log-space formula)",
     "plain_log_general": "plain autograd (log-space general formula)",
@@ -41,6 +43,8 @@ IMPLS = {
 }
 REFERENCE = "abkd"
 CLAIM = ("abkd", "official_style")          # the pair whose time ratio the README claims, idle and contended
+COMPILED_CLAIM = ("abkd_compiled", "official_style")   # the same ratio for the compiled variant
+CONTEND_DEFAULT = ("abkd", "abkd_compiled", "official_style")
 COMPETITORS = ("python", "matmul")
 DEFAULTS = dict(n=512, v=50257, repeats=5)
 QUICK = dict(n=64, v=5000, repeats=2)
@@ -54,6 +58,15 @@ def _impl_fns(impl: str):
     import abkd
     from abkd.gradients import ab_divergence_autograd
     from official_style import ab_divergence_log_general, ab_divergence_official_style
+    if impl == "abkd_compiled":                      # the front's checks and reduction, then the compiled kernels
+        from abkd.divergence import apply_divergence, check_ab_logit_values, check_hyperparameters
+        from abkd.kernels.torch_chunked import ab_divergence_compiled
+
+        def compiled(s, t, a, b, reduction):
+            a, b, temperature = check_hyperparameters(a, b, 1.0)
+            return apply_divergence(lambda s, t: ab_divergence_compiled(s, t, a, b, temperature), s, t,
+                                    reduction=reduction, check_values=lambda s, t: check_ab_logit_values(s, t, a, b))
+        return (lambda s, t, a, b: compiled(s, t, a, b, "none"), lambda s, t, a, b: compiled(s, t, a, b, "sum"))
     if impl in ("abkd", "abkd_reference"):
         kind = "chunked" if impl == "abkd" else "reference"
         return (lambda s, t, a, b: abkd.ab_divergence(s, t, a, b, reduction="none", impl=kind),
@@ -97,7 +110,9 @@ def run_child(args) -> dict:
     try:
         tiny_rows = min(args.n, max(2, -(-65536 // args.v)))      # >= 64Ki elements: the threaded kernels too
         tiny_s, tiny_t = make_logits(tiny_rows, args.v, args.seed)
-        rows_fn(tiny_s, tiny_t, a, b).sum().backward()
+        t0 = time.perf_counter()
+        rows_fn(tiny_s, tiny_t, a, b).sum().backward()         # abkd_compiled: torch.compile runs here
+        out["first_call_ms"] = (time.perf_counter() - t0) * 1e3
         del tiny_s, tiny_t
     except ValueError as e:                          # e.g. the general formula at alpha = 0
         return {**out, "error": str(e)}
@@ -268,17 +283,20 @@ def measure_all(impls: list, args, competitor: str | None = None) -> dict:
             msg = r["error"].splitlines()[-1] if "error" in r else \
                 (f"median {statistics.median(r['times_ms']):.0f} ms over {len(r['times_ms'])} "
                  f"(CPU user {r['cpu_user_s_per_run']:.2f} s, sys {r['cpu_sys_s_per_run']:.2f} s per pass), "
-                 f"peak {r['peak_extra_mib']:.0f} MiB")
+                 f"peak {r['peak_extra_mib']:.0f} MiB"
+                 + (f", first call (compile) {r['first_call_ms'] / 1e3:.1f} s" if impl == "abkd_compiled" else ""))
             print(f"  {IMPLS[impl]}: {msg}  ({r['process_s']:.1f} s)", flush=True)
     return results
 
 
 def claim_ratios(results: dict, contended: dict) -> dict:
-    "official-style time / abkd time, idle and (if measured) beside the competitor."
-    def ratio(res):
-        a, b = (res.get(i, {}) for i in CLAIM)
+    "official-style time / abkd time (and / abkd compiled time), idle and (if measured) beside the competitor."
+    def ratio(res, pair):
+        a, b = (res.get(i, {}) for i in pair)
         return b["time_ms"] / a["time_ms"] if "time_ms" in a and "time_ms" in b and a["time_ms"] > 0 else None
-    out = {"official_over_abkd_idle": ratio(results), "official_over_abkd_contended": ratio(contended)}
+    out = {"official_over_abkd_idle": ratio(results, CLAIM), "official_over_abkd_contended": ratio(contended, CLAIM),
+           "official_over_compiled_idle": ratio(results, COMPILED_CLAIM),
+           "official_over_compiled_contended": ratio(contended, COMPILED_CLAIM)}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -325,7 +343,7 @@ def table(results: dict) -> str:
 
 def metrics_of(results: dict) -> dict:
     "Numbers only (save_record rejects anything else), keyed by implementation id."
-    keep = ("time_ms", "times_ms", "runs", "warmup_ms", "cpu_user_s_per_run", "cpu_sys_s_per_run", "time_ratio",
+    keep = ("time_ms", "times_ms", "runs", "first_call_ms", "warmup_ms", "cpu_user_s_per_run", "cpu_sys_s_per_run", "time_ratio",
             "peak_extra_mib", "mem_ratio", "peak_in_gradients", "loss_sum", "loss_rows_max_abs_diff", "loss_rows_max_rel_diff", "loss_sum_abs_diff",
             "grad_max_abs_diff", "grad_max_abs", "process_s", "other_cpu_share", "competitor_cpu_share")
     return {impl: {k: r[k] for k in keep if k in r} for impl, r in results.items() if "error" not in r}
@@ -354,7 +372,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="print only, write no JSON record")
     ap.add_argument("--contend", action="store_true",
                     help="after the idle side-by-side, run --contend-impls again beside one competing CPU-bound process")
-    ap.add_argument("--contend-impls", default=",".join(CLAIM),
+    ap.add_argument("--contend-impls", default=",".join(CONTEND_DEFAULT),
                     help="implementations measured beside the competitor (default %(default)s)")
     ap.add_argument("--competitor", choices=COMPETITORS, default="python",
                     help="the competing process: a single-threaded pure-Python loop (default) or torch matmul loop")
@@ -427,9 +445,9 @@ def main(argv=None) -> int:
         print(f"\nbeside one competing CPU-bound process ({args.competitor}, 1 thread; 'other load' excludes it):")
         print(table(contended))
     ratios = claim_ratios(results, contended)
-    if ratios:
-        print("\nofficial-style time / abkd time: " + ", ".join(
-            f"{k.rsplit('_', 1)[1]} {v:.2f}×" for k, v in ratios.items()))
+    for key, name in (("abkd", "abkd"), ("compiled", "abkd compiled")):
+        mine = {k.rsplit("_", 1)[1]: v for k, v in ratios.items() if k.startswith(f"official_over_{key}_")}
+        if mine: print(f"\nofficial-style time / {name} time: " + ", ".join(f"{k} {v:.2f}×" for k, v in mine.items()))
 
     if not args.no_save:
         from abkd.results import save_record

@@ -19,7 +19,7 @@ from abkd.kernels.torch_chunked import ab_divergence_chunked
 from cases import GRID, _ids, randn
 from reference import ref_ab_divergence, ref_ab_gradient, to_float64
 
-KERNELS = ["chunked", "triton"]
+KERNELS = ["chunked", "compiled", "triton"]
 CASES = [(a, b, T) for a, b in GRID for T in (1.0, 2.5)]
 
 
@@ -119,10 +119,12 @@ def test_impl_errors(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- the table
 def test_table_lists_every_implementation_and_what_it_supports():
-    assert list(IMPLEMENTATIONS) == ["reference", "chunked", "triton"]
-    assert core.IMPLS == ("auto", "reference", "chunked", "triton")
-    ref, chunked, triton = IMPLEMENTATIONS.values()
+    assert list(IMPLEMENTATIONS) == ["reference", "chunked", "compiled", "triton"]
+    assert core.IMPLS == ("auto", "reference", "chunked", "compiled", "triton")
+    ref, chunked, compiled, triton = IMPLEMENTATIONS.values()
     assert ref.rows == ABDivergenceFunction.apply and chunked.rows is ab_divergence_chunked
+    assert compiled.devices == ("cpu",) and compiled.repeat_backward and not compiled.row_mask
+    assert "needs CPU logits" in compiled.unavailable(torch.device("cuda"))
     assert triton.row_mask and triton.inplace_grad and not triton.repeat_backward and triton.devices == ("cuda",)
     for impl in (ref, chunked):
         assert not impl.row_mask and not impl.inplace_grad and impl.repeat_backward and impl.devices == ("any",)
@@ -186,7 +188,7 @@ def test_unknown_impl_is_rejected_everywhere():
                  lambda: ABDivergence(1, 0, impl="auto "),
                  lambda: ab_divergence_from_hidden(torch.randn(2, 4), torch.randn(5, 4), torch.randn(2, 5), 1, 0,
                                                    impl="cuda")):
-        with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'reference', 'chunked', 'triton'\)"):
+        with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'reference', 'chunked', 'compiled', 'triton'\)"):
             call()
 
 

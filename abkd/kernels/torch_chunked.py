@@ -13,9 +13,12 @@ from ..divergence import ab_terms_masked, compute_dtype
 from ..gradients import row_chunks, student_factor, teacher_factor
 
 # %% auto #0
-__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'PSI_TINY', 'CHUNK_ELEMENTS', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'horner_',
-           'below_', 'psi_quotient_', 'psi_any_', 'ab_terms_', 'grad_factor_', 'chunk_plan', 'shifted_log_softmax_',
-           'shifted_log_probs_', 'ratio_and_mix_', 'ChunkedABDivergence', 'ab_divergence_chunked']
+__all__ = ['PSI_KNOT', 'SERIES_SPREAD', 'PSI_TINY', 'CHUNK_ELEMENTS', 'COMPILED_CHUNK_ELEMENTS', 'COMPILED_CONSTANTS',
+           'COMPILED_BODIES', 'series_length', 'ABPlan', 'ab_plan', 'Scratch', 'horner_', 'below_', 'psi_quotient_',
+           'psi_any_', 'ab_terms_', 'grad_factor_', 'chunk_plan', 'shifted_log_softmax_', 'shifted_log_probs_',
+           'ratio_and_mix_', 'ChunkedABDivergence', 'ab_divergence_chunked', 'compiled_series_terms',
+           'compiled_constants', 'compiled_forward_rows', 'compiled_student_grad', 'compiled_teacher_grad',
+           'compiled_both_grads', 'compiled_kernels', 'run_compiled', 'CompiledABDivergence', 'ab_divergence_compiled']
 
 # %% ../../nbs/03_torch_kernel.ipynb #13a39654
 def _unit_roundoff(dtype: torch.dtype) -> float: return torch.finfo(dtype).eps / 2
@@ -233,3 +236,154 @@ def ab_divergence_chunked(student_logits: Tensor, teacher_logits: Tensor, alpha:
                           temperature: float = 1.0, chunk_elements: int | None = None) -> Tensor:
     "Per-row D_AB of [N, V] logits by the chunked path (no input checks: `ab_divergence(..., impl='chunked')` checks)."
     return ChunkedABDivergence.apply(student_logits, teacher_logits, alpha, beta, temperature, chunk_elements)
+
+# %% ../../nbs/03_torch_kernel.ipynb #df83db5b
+import functools
+
+COMPILED_CHUNK_ELEMENTS = 1 << 23    # elements per compiled chunk: one parallel region each; ~3 chunk-sized temporaries
+COMPILED_CONSTANTS = ("inv_t", "alpha", "beta", "sigma", "k_mid", "spread", "neg_g_down", "g_down_minus_g_up",
+                      "neg_g_up", "g_up_minus_g_down", "tau", "bound", "abs_alpha", "abs_beta")
+
+@functools.cache
+def compiled_series_terms(dtype: torch.dtype) -> int:
+    "Horner steps of the compiled kernels in `dtype`: the longest series of any plan (τ at its largest, `SERIES_SPREAD`)."
+    return len(ab_plan(1.0, 0.0, dtype).f_series)    # a zero node gap puts τ at its largest; the length grows with τ
+
+def compiled_constants(plan: ABPlan, temperature: float, dtype: torch.dtype, device) -> Tensor:
+    """The constants of one call as one tensor (`COMPILED_CONSTANTS`, then the plan's series coefficients padded with
+    zeros to `compiled_series_terms`): the compiled graph takes them as data, so a new (α, β, T) reuses it."""
+    M, g_up, g_down = plan.spread, plan.k_hi - plan.k_mid, plan.k_mid - plan.k_lo
+    terms = compiled_series_terms(dtype)
+    if len(plan.f_series) > terms:
+        raise ValueError(f"the series of (α, β) = ({plan.alpha}, {plan.beta}) has {len(plan.f_series)} terms, more "
+                         f"than the {terms} of the compiled kernels: use impl='chunked'")
+    named = (1.0 / temperature, plan.alpha, plan.beta, plan.sigma, plan.k_mid, M, -g_down, g_down - g_up, -g_up,
+             g_up - g_down, plan.tau, plan.tau / M if M > 0 else math.inf, abs(plan.alpha), abs(plan.beta))
+    return torch.tensor(named + plan.f_series + (0.0,) * (terms - len(plan.f_series)), dtype=dtype, device=device)
+
+def _psi(neg_h: Tensor) -> Tensor:
+    "ψ(h) = expm1(−h)/(−h) from −h ≤ 0 (as `psi_any_`)."
+    nh = neg_h.clamp(max=-PSI_TINY)
+    return torch.expm1(nh) / nh
+
+def _shifted(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "(lq, m, log l): z = (x − m)/T, lq = z − log Σe^z (as `shifted_log_softmax_`)."
+    m = x.amax(-1, keepdim=True)
+    z = (x - m) * c[0]
+    log_l = z.exp().sum(-1, keepdim=True).log()
+    return z - log_l, m, log_l
+
+def _terms(r: Tensor, y: Tensor, c: Tensor) -> Tensor:
+    "r²·e[x, y, z] per entry (as `ab_terms_`, ψ in its expm1 form and the series padded)."
+    n0, n_f = len(COMPILED_CONSTANTS), c.shape[0] - len(COMPILED_CONSTANTS)
+    rp, a = r.clamp(min=0.0), r.abs()
+    spread = a * c[5]                                                           # M|r|
+    neg_hi, neg_lo = a * c[6] + rp * c[7], a * c[8] + rp * c[9]                 # −h_hi, −h_lo
+    quotient = (_psi(neg_hi) - neg_hi.exp() * _psi(neg_lo)) / spread.clamp(min=c[10])
+    inside = spread < c[10]                                                     # the series is used
+    x = r.clamp(-c[11], c[11])
+    series = c[n0 + n_f - 2] + x * c[n0 + n_f - 1]                              # Horner, as `horner_`
+    for k in range(n_f - 3, -1, -1): series = c[n0 + k] + series * x
+    term = torch.where(inside, series, quotient)
+    top = torch.where(inside, y, y - neg_hi + r * c[4])                         # e^{y} inside, e^{largest node} outside
+    return term * top.exp() * r * r
+
+def compiled_forward_rows(s: Tensor, t: Tensor, c: Tensor):
+    "Per-row D_AB of a chunk and the row maxima and log-sums of both sides (the body `torch.compile` fuses)."
+    lq, m_s, l_s = _shifted(s.to(c.dtype), c)
+    lp, m_t, l_t = _shifted(t.to(c.dtype), c)
+    return _terms(lq - lp, lp * c[1] + lq * c[2], c).sum(-1), m_s, l_s, m_t, l_t
+
+def _grad_side(r: Tensor, y: Tensor, log_prob: Tensor, w: Tensor, k: Tensor, c: Tensor) -> Tensor:
+    "w·(f − π·Σf), f = r·ψ(k|r|)·e^{max(y, σ·log π)} (as `grad_factor_`; w carries the 1/T and the side's sign)."
+    f = _psi(r.abs() * -k) * torch.maximum(log_prob * c[3], y).exp() * r
+    return f * w - log_prob.exp() * (f.sum(-1, keepdim=True) * w)
+
+def _recomputed(s, t, m_s, l_s, m_t, l_t, c):
+    "lq, lp, r, y of a chunk from the saved row maxima and log-sums (as `shifted_log_probs_`, `ratio_and_mix_`)."
+    lq, lp = (s.to(c.dtype) - m_s) * c[0] - l_s, (t.to(c.dtype) - m_t) * c[0] - l_t
+    return lq, lp, lq - lp, lp * c[1] + lq * c[2]
+
+def compiled_student_grad(s, t, m_s, l_s, m_t, l_t, w, c):
+    "∂/∂s of Σ w·D over a chunk (w = upstream gradient / T)."
+    lq, lp, r, y = _recomputed(s, t, m_s, l_s, m_t, l_t, c)
+    return _grad_side(r, y, lq, w, c[12], c).to(s.dtype)
+
+def compiled_teacher_grad(s, t, m_s, l_s, m_t, l_t, w, c):
+    "∂/∂t of Σ w·D over a chunk."
+    lq, lp, r, y = _recomputed(s, t, m_s, l_s, m_t, l_t, c)
+    return _grad_side(r, y, lp, -w, c[13], c).to(t.dtype)
+
+def compiled_both_grads(s, t, m_s, l_s, m_t, l_t, w, c):
+    "Both gradients of a chunk, lq, lp, r, y formed once."
+    lq, lp, r, y = _recomputed(s, t, m_s, l_s, m_t, l_t, c)
+    return _grad_side(r, y, lq, w, c[12], c).to(s.dtype), _grad_side(r, y, lp, -w, c[13], c).to(t.dtype)
+
+COMPILED_BODIES = {"forward": compiled_forward_rows, "student": compiled_student_grad,
+                   "teacher": compiled_teacher_grad, "both": compiled_both_grads}
+
+@functools.cache
+def compiled_kernels() -> dict:
+    "The bodies above under `torch.compile` (inductor; dynamic shapes, one graph each), built on first use."
+    return {k: torch.compile(f, dynamic=True, fullgraph=True) for k, f in COMPILED_BODIES.items()}
+
+def run_compiled(kind: str, *chunks: Tensor, constants: Tensor):
+    """Call compiled kernel `kind` on row chunks. Their row count, and that of the tensors they are views of (which
+    the graph guards on), is marked unbacked: dynamic and never specialized, even at one row."""
+    for x in chunks:
+        for y in (x, x._base):
+            if y is not None: torch._dynamo.decorators.mark_unbacked(y, 0)
+    try:
+        return compiled_kernels()[kind](*chunks, constants)
+    except (torch._dynamo.exc.TorchDynamoException, RuntimeError, OSError) as e:
+        raise RuntimeError(f"impl='compiled' could not build its kernels with torch.compile (inductor, C++ backend): "
+                           f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. It needs "
+                           "a working C++ compiler (g++ or clang on PATH, or CXX); use impl='chunked' (the default "
+                           "CPU path, no compiler needed) instead") from e
+
+class CompiledABDivergence(torch.autograd.Function):
+    "Per-row D_AB(p‖q) of [N, V] finite logits by the compiled kernels, in row chunks; saves its inputs and 4N numbers."
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float,
+                chunk_elements: int | None = None):
+        s, t = student_logits.detach(), teacher_logits.detach()
+        dtype, (n, V) = compute_dtype(s, t), s.shape
+        c = compiled_constants(ab_plan(alpha, beta, dtype), temperature, dtype, s.device)
+        chunks, _ = chunk_plan(n, V, chunk_elements or COMPILED_CHUNK_ELEMENTS)
+        values = s.new_empty(n, dtype=dtype)
+        stats = [s.new_empty(n, 1, dtype=dtype) for _ in range(4)]             # m_s, log l_s, m_t, log l_t
+        for i, j in chunks:
+            v, *row_stats = run_compiled("forward", s[i:j], t[i:j], constants=c)
+            values[i:j] = v
+            for saved, new in zip(stats, row_stats): saved[i:j] = new
+        ctx.save_for_backward(student_logits, teacher_logits, *stats, c)
+        ctx.chunk_elements = chunk_elements
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values: Tensor):
+        s, t, m_s, l_s, m_t, l_t, c = ctx.saved_tensors
+        s, t = s.detach(), t.detach()
+        need_s, need_t = ctx.needs_input_grad[:2]
+        kind = "both" if need_s and need_t else "student" if need_s else "teacher" if need_t else None
+        if kind is None: return (None,) * 6
+        chunks, _ = chunk_plan(*s.shape, ctx.chunk_elements or COMPILED_CHUNK_ELEMENTS)
+        grad_s, grad_t = (torch.empty_like(s) if need_s else None), (torch.empty_like(t) if need_t else None)
+        w = (grad_values.to(c.dtype) * c[0]).unsqueeze(-1)                          # ∂L/∂D_row · 1/T
+        for i, j in chunks:
+            out = run_compiled(kind, s[i:j], t[i:j], m_s[i:j], l_s[i:j], m_t[i:j], l_t[i:j], w[i:j], constants=c)
+            if kind == "both": grad_s[i:j], grad_t[i:j] = out
+            elif kind == "student": grad_s[i:j] = out
+            else: grad_t[i:j] = out
+        return grad_s, grad_t, None, None, None, None
+
+def ab_divergence_compiled(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float,
+                           temperature: float = 1.0, chunk_elements: int | None = None) -> Tensor:
+    """Per-row D_AB of [N, V] logits by the compiled kernels (opt-in CPU path; no input checks, as
+    `ab_divergence_chunked`). Calls whose rows hold −inf logits give non-finite compiled values and are computed by
+    the chunked path instead (its closed forms), so every input the chunked path takes works here too."""
+    values = CompiledABDivergence.apply(student_logits, teacher_logits, alpha, beta, temperature, chunk_elements)
+    if bool(torch.isfinite(values).all()): return values
+    return ChunkedABDivergence.apply(student_logits, teacher_logits, alpha, beta, temperature, chunk_elements)
+
