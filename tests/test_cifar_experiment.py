@@ -5,7 +5,7 @@ import abkd.cifar.experiment as E
 from abkd.cli import main
 from abkd.results import load_record, pair_label, paper_number
 from abkd.cifar.data import build_synthetic_cifar100
-from abkd.cifar.recipes import ALL_PAIRS, method_config, methods_for, teacher_recipe
+from abkd.cifar.recipes import ALL_PAIRS, method_config, methods_for, recipe, teacher_recipe
 from abkd.cifar.train import TrainConfig
 
 
@@ -113,11 +113,16 @@ def test_table_rows_not_run_and_stand_in_cells():
     assert "resnet20 (teacher)" in table
 
 
-def test_weight_on_divergence_matches_every_preset():
+def test_weights_on_the_divergence_are_the_papers():
+    "The table's weight on D: λ = 32 for ABKD (App. I.2.3, no T²), 0.9·T² = 14.4 for KD, TTM's λ without T."
+    from abkd.cifar.recipes import divergence_weight
     for t, s in ALL_PAIRS:
         for m in methods_for(t, s):
             c = method_config(m, t, s)
-            assert E.weight_on_divergence(c["loss_params"]) == c["divergence_weight"], (t, s, m)
+            T = c["loss_params"].get("temperature")
+            assert divergence_weight(c["loss_params"]) == c["kd_weight"] * (T * T if T is not None else 1.0), (t, s, m)
+    assert divergence_weight(method_config("abkd", "resnet56", "resnet20")["loss_params"]) == 32
+    assert divergence_weight(method_config("kd", "resnet56", "resnet20")["loss_params"]) == pytest.approx(14.4)
 
 
 def test_smoke_and_paper_presets_include_the_controls():
@@ -126,5 +131,5 @@ def test_smoke_and_paper_presets_include_the_controls():
     cfgs = E.smoke_configs("t.pt")
     assert len({E.run_folder(c) for c in cfgs}) == len(cfgs) == len(E.SMOKE["methods"]) * len(E.SMOKE["seeds"])
     assert all(c.method and c.recipe_source for c in cfgs)
-    cfg = E.paper_recipe("resnet56", "resnet20", "rkl_at_abkd_weights")
+    cfg = recipe("resnet56", "resnet20", "rkl_at_abkd_weights")
     assert (cfg.method, cfg.loss, cfg.loss_params["beta"]) == ("rkl_at_abkd_weights", "abkd", 1.0)

@@ -14,15 +14,16 @@ from ..results import (aggregate, by_scale, cite_published, format_mean_std, loa
 from .data import build_synthetic_cifar100, cifar100_datasets
 from .models import create_model
 from .recipes import (AB_GRID, AB_SETTING_OF, ALL_METHODS, CONTROLS, METHODS, PAIRS, STAND_INS,
-                                load_state_dict_file, method_config, recipe, teacher_path, teacher_recipe)
+                                divergence_weight, load_state_dict_file, method_config, recipe, teacher_path,
+                                teacher_recipe)
 from .train import TrainConfig, fit
 
 # %% auto #0
 __all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'TEACHER_SIZE_COLUMNS', 'ROLE_COLUMNS', 'TABLE_HEAD', 'SMOKE', 'PAPER', 'load_weights',
-           'build_teacher', 'run_config', 'named_recipe', 'paper_recipe', 'run_seeds', 'grid_search', 'paper_pair',
-           'paper_column', 'paper_cell', 'role_cell', 'published_value', 'weight_on_divergence', 'weights_cells',
-           'method_label', 'results_table', 'published_sources', 'smoke_configs', 'run_folder', 'weights_sentence',
-           'smoke_note', 'reproduce_smoke', 'reproduce_paper', 'reproduce']
+           'build_teacher', 'run_config', 'run_seeds', 'grid_search', 'paper_pair', 'paper_column', 'paper_cell',
+           'role_cell', 'published_value', 'weights_cells', 'method_label', 'results_table', 'published_sources',
+           'smoke_configs', 'run_folder', 'weights_sentence', 'smoke_note', 'reproduce_smoke', 'reproduce_paper',
+           'reproduce']
 
 # %% ../../nbs/16_cifar_experiment.ipynb #23679180
 RESULT = "result.json"
@@ -68,17 +69,6 @@ def run_config(cfg: TrainConfig, data_root, out_dir, *, synthetic: bool = False,
     return load_record(out_dir / RESULT)
 
 # %% ../../nbs/16_cifar_experiment.ipynb #55cbae8c
-def named_recipe(cfg: TrainConfig, record: dict) -> TrainConfig:
-    "`cfg` naming its recipe: method and recipe_source from the method_config `record` it was built from."
-    return dataclasses.replace(cfg, method=record["method"], recipe_source=record["source"])
-
-def paper_recipe(teacher: str, student: str, method: str, seed: int = 0, alpha_beta=None, teacher_checkpoint=None,
-                 setting=None, **overrides) -> TrainConfig:
-    "`recipe(...)` of the pair and method, naming its recipe (method, recipe_source) so that controls stay apart."
-    cfg = recipe(teacher, student, method, seed=seed, alpha_beta=alpha_beta, teacher_checkpoint=teacher_checkpoint,
-                 setting=setting, **overrides)
-    return named_recipe(cfg, method_config(method, teacher, student, alpha_beta, setting))
-
 def run_seeds(cfg: TrainConfig, seeds: Sequence[int], data_root, out_dir, **kw) -> list[dict]:
     "`run_config` for each seed (cfg with seed replaced), under out_dir/seed<k>."
     return [run_config(dataclasses.replace(cfg, seed=s), data_root, Path(out_dir) / f"seed{s}", **kw) for s in seeds]
@@ -95,7 +85,7 @@ def grid_search(teacher: str, student: str, method: str, data_root, out_dir, *, 
     if not 0 < val_fraction < 1: raise ValueError(f"grid_search needs a validation split: 0 < val_fraction < 1, got {val_fraction}")
     points = []
     for a, b in grid:
-        cfg = paper_recipe(teacher, student, method, seed=seed, alpha_beta=(a, b), teacher_checkpoint=teacher_checkpoint,
+        cfg = recipe(teacher, student, method, seed=seed, alpha_beta=(a, b), teacher_checkpoint=teacher_checkpoint,
                            val_fraction=val_fraction, **(overrides or {}))
         rec = run_config(cfg, data_root, Path(out_dir) / f"alpha{a:g}_beta{b:g}", **kw)
         points.append(dict(alpha=a, beta=b, val_acc=_val_acc_at_best(rec), best_test_acc=rec["metrics"]["best_test_acc"],
@@ -168,16 +158,11 @@ def published_value(method: str, teacher: str, student: str) -> str:
     value = published_number(published(table_id), pair_label(*paper_pair(teacher, student)), column)
     return f"{value} [{table_id}]" if value else "not published"
 
-def weight_on_divergence(loss_params: dict) -> float:
-    "The weight on the divergence D itself: kd_weight·T² for the KD family (its term is T²·D), kd_weight without T."
-    T = loss_params.get("temperature")
-    return loss_params["kd_weight"] * (T ** 2 if T is not None else 1.0)
-
 def weights_cells(loss_params: dict) -> list[str]:
     "[CE weight, weight on D (with kd_weight·T²), T] of a record's loss_params ('—' where the loss has none)."
     if "kd_weight" not in loss_params: return [f"{loss_params.get('ce_weight', 1.0):g}", "—", "—"]
     T, w = loss_params.get("temperature"), loss_params["kd_weight"]
-    kd = f"{weight_on_divergence(loss_params):g}" + (f" ({w:g}·T²)" if T is not None else "")
+    kd = f"{divergence_weight(loss_params):g}" + (f" ({w:g}·T²)" if T is not None else "")
     return [f"{loss_params['ce_weight']:g}", kd, "—" if T is None else f"{T:g}"]
 
 def method_label(method: str, loss_params: dict) -> str:
@@ -329,7 +314,7 @@ def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=PAPER["pai
         for m in methods:
             for seed in seeds:
                 run_dir = root / "runs" / f"{t}-{s}" / m / f"seed{seed}"
-                records.append(run_config(paper_recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root,
+                records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root,
                                           run_dir,
                                           download=download, progress=progress, accelerator=accelerator, **kw))
                 written.append(run_dir / RESULT)

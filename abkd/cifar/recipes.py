@@ -20,8 +20,9 @@ __all__ = ['TABLE4_PAIRS', 'TEACHER_SIZE_PAIRS', 'CROSS_ARCH_PAIRS', 'PAIRS', 'A
            'ALL_METHODS', 'TEACHER_SIZE_METHODS', 'AB_NAMES', 'PARENT', 'AB_SETTING_OF', 'FIXED_ALPHA_BETA',
            'ALPHA_BETA_FROM', 'STAND_INS', 'MDISTILLER_DKD', 'DKD_NCKD_WEIGHT', 'TTM_KD_WEIGHT', 'TTM_README',
            'AB_GRID', 'PRESET_COLUMNS', 'CONFLICTS', 'TEACHER_URL', 'known_pairs', 'methods_for', 'paper_schedule',
-           'method_config', 'method_params', 'recipe', 'teacher_recipe', 'preset_row', 'presets_markdown',
-           'conflicts_markdown', 'TeacherEntry', 'teacher_registry', 'teacher_path', 'load_state_dict_file']
+           'divergence_weight', 'method_config', 'method_params', 'recipe', 'teacher_recipe', 'preset_row',
+           'presets_markdown', 'conflicts_markdown', 'TeacherEntry', 'teacher_registry', 'teacher_path',
+           'load_state_dict_file']
 
 # %% ../../nbs/15_cifar_recipes.ipynb #bdcd1ee7
 def _pairs_of(table) -> tuple:
@@ -166,6 +167,11 @@ def _settings_pair(teacher: str, student: str, setting) -> tuple[tuple, str]:
     methods_for(*pair)                                        # an unknown pair: the error lists the known ones
     return pair, ""
 
+def divergence_weight(loss_params: dict) -> float:
+    "The weight on the divergence D itself: kd_weight·T² for the KD family (its term is T²·D), kd_weight without T (TTM)."
+    T = loss_params.get("temperature")
+    return loss_params["kd_weight"] * (T ** 2 if T is not None else 1.0)
+
 def method_config(method: str, teacher: str, student: str, alpha_beta: Optional[tuple] = None,
                   setting: Optional[tuple] = None) -> dict:
     """The recipe record of `method` on the pair: loss, loss_params (every hyperparameter, weights and temperature
@@ -204,11 +210,10 @@ def method_config(method: str, teacher: str, student: str, alpha_beta: Optional[
         params = dict(alpha=float(a), beta=float(b), **params)
         sources.append(f"α = {a:g}, β = {b:g}: {ab_src}")
     T = params.get("temperature")
-    scale = T ** 2 if T is not None else 1.0               # the KD family's term is T²·D; TTM has no temperature
     return dict(method=method, teacher=teacher, student=student, pair=pair_label(teacher, student), loss=loss,
                 loss_params=params, alpha=params.get("alpha"), beta=params.get("beta"), ce_weight=params["ce_weight"],
                 kd_weight=params["kd_weight"], temperature=T, t_squared=T is not None,
-                divergence_weight=params["kd_weight"] * scale, source="; ".join(sources + src))
+                divergence_weight=divergence_weight(params), source="; ".join(sources + src))
 
 def method_params(method: str, teacher: str, student: str, alpha_beta: Optional[tuple] = None,
                   setting: Optional[tuple] = None) -> dict:
@@ -220,7 +225,8 @@ def recipe(teacher: str, student: str, method: str, seed: int = 0, alpha_beta: O
     "The paper's CIFAR-100 recipe for distilling `teacher` into `student` with `method`, as a TrainConfig."
     c = method_config(method, teacher, student, alpha_beta, setting)
     return TrainConfig(student, loss=c["loss"], loss_params=c["loss_params"], teacher=teacher,
-                       teacher_checkpoint=teacher_checkpoint, seed=seed, **{**paper_schedule(), **overrides})
+                       teacher_checkpoint=teacher_checkpoint, seed=seed, method=method, recipe_source=c["source"],
+                       **{**paper_schedule(), **overrides})
 
 def teacher_recipe(model: str, seed: int = 0, **overrides) -> TrainConfig:
     "Training a teacher (or a student alone): cross-entropy with the same recipe."

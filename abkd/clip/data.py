@@ -43,7 +43,8 @@ DATASETS = {s.name: s for s in (
     DatasetSpec("food101", "Food101", "food-101", "images", "zhou", "split_zhou_Food101.json", "Food101"),
     DatasetSpec("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "aircraft", "", "FGVCAircraft", 200.0),
     DatasetSpec("sun397", "SUN397", "sun397", "SUN397", "zhou", "split_zhou_SUN397.json", "SUN397"),
-    DatasetSpec("dtd", "DTD", "dtd", "images", "zhou", "split_zhou_DescribableTextures.json", "DescribableTextures"),
+    DatasetSpec("dtd", "DTD", "dtd", "images", "zhou", "split_zhou_DescribableTextures.json", "DescribableTextures",
+                200.0),                           # PromptKD: 200 for aircraft, flowers and DTD
     DatasetSpec("eurosat", "EuroSAT", "eurosat", "2750", "zhou", "split_zhou_EuroSAT.json", "EuroSAT"),
     DatasetSpec("ucf101", "UCF101", "ucf101", "UCF-101-midframes", "zhou", "split_zhou_UCF101.json", "UCF101"),
 )}
