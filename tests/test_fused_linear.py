@@ -116,9 +116,17 @@ def test_fused_linear_autocast_matches_materialized_in_the_region():
         torch.testing.assert_close(out, mat, rtol=1e-6, atol=0)
 
 
-def test_fused_linear_accelerate_autocast():
+@pytest.fixture
+def bf16_accelerator():
+    "An Accelerator with bf16 autocast; accelerate keeps its state process-wide, so it is reset afterwards."
     import accelerate
-    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    from accelerate.state import AcceleratorState
+    yield accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fused_linear_accelerate_autocast(bf16_accelerator):
+    accelerator = bf16_accelerator
     torch.manual_seed(3)
     hs, ws = torch.randn(2, 9, 16, requires_grad=True), (torch.randn(150, 16) / 4).requires_grad_()
     ht, wt = torch.randn(2, 9, 12), torch.randn(150, 12) / 4
