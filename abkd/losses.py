@@ -17,11 +17,10 @@ from .mass_concentration import exact_log_mass_ratio
 
 # %% auto #0
 __all__ = ['UNIT', 'OPEN_UNIT', 'SKEW', 'NON_NEGATIVE', 'VOCAB_POLICIES', 'REQUIRED', 'LOSSES', 'check_temperature',
-           'check_interval', 'interval', 'positive', 'row_log_probs', 'kl_rows', 'log_mixture', 'core_divergence',
-           'fkl', 'rkl', 'ab', 'alpha_divergence', 'js', 'tvd', 'skew_kl', 'sfkl', 'srkl', 'wsd', 'akl_weights', 'akl',
-           'entropy_rows', 'bdkd', 'check_vocab_policy', 'match_vocab', 'signature_defaults', 'apply_checks',
-           'LossSpec', 'LossRegistry', 'available', 'DivergenceLoss', 'get_loss', 'one_step_reallocation',
-           'reallocation_table']
+           'check_interval', 'interval', 'positive', 'row_log_probs', 'kl_rows', 'log_mixture', 'fkl', 'rkl', 'ab',
+           'alpha_divergence', 'js', 'tvd', 'skew_kl', 'sfkl', 'srkl', 'wsd', 'akl_weights', 'akl', 'entropy_rows',
+           'bdkd', 'check_vocab_policy', 'match_vocab', 'signature_defaults', 'apply_checks', 'LossSpec',
+           'LossRegistry', 'available', 'DivergenceLoss', 'get_loss', 'one_step_reallocation', 'reallocation_table']
 
 # %% ../nbs/07_losses.ipynb #b44e9f79
 def check_temperature(temperature, name: str = "temperature") -> float:
@@ -67,34 +66,29 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     return torch.logaddexp(la.masked_fill(both, 0.), lb.masked_fill(both, 0.)).masked_fill(both, float("-inf"))
 
 # %% ../nbs/07_losses.ipynb #d164278c
-def core_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *,
-                    teacher_grad: bool = False, **kwargs) -> Tensor:
-    "`abkd.ab_divergence` with the teacher-gradient rule: teacher_grad=True differentiates through the teacher."
-    return ab_divergence(student_logits, teacher_logits, alpha, beta, teacher_grad=teacher_grad, **kwargs)
-
 def fkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
         reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Forward KL, KL(p‖q) = D_AB^(1,0)(p‖q) (the core at α=1, β=0)."
-    return core_divergence(student_logits, teacher_logits, 1.0, 0.0, temperature=temperature, mask=mask, reduction=reduction,
+    return ab_divergence(student_logits, teacher_logits, 1.0, 0.0, temperature=temperature, mask=mask, reduction=reduction,
                            teacher_grad=teacher_grad)
 
 def rkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Optional[Tensor] = None,
         reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Reverse KL, KL(q‖p) = D_AB^(0,1)(p‖q) (the core at α=0, β=1)."
-    return core_divergence(student_logits, teacher_logits, 0.0, 1.0, temperature=temperature, mask=mask, reduction=reduction,
+    return ab_divergence(student_logits, teacher_logits, 0.0, 1.0, temperature=temperature, mask=mask, reduction=reduction,
                            teacher_grad=teacher_grad)
 
 def ab(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, *, temperature: float = 1.0,
        mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "The α-β divergence D_AB^(α,β)(p‖q): `abkd.ab_divergence` under its zoo name."
-    return core_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature, mask=mask,
+    return ab_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature, mask=mask,
                            reduction=reduction, teacher_grad=teacher_grad)
 
 def alpha_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float, *, temperature: float = 1.0,
                      mask: Optional[Tensor] = None, reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "Amari's α-divergence (1 − Σ p^α q^(1−α))/(α(1−α)) = D_AB^(α, 1−α)(p‖q)."
     alpha = as_real(alpha, "alpha")
-    return core_divergence(student_logits, teacher_logits, alpha, 1.0 - alpha, temperature=temperature, mask=mask,
+    return ab_divergence(student_logits, teacher_logits, alpha, 1.0 - alpha, temperature=temperature, mask=mask,
                            reduction=reduction, teacher_grad=teacher_grad)
 
 # %% ../nbs/07_losses.ipynb #a7c15a71

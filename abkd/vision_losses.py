@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from .divergence import (as_real, check_flag, check_hyperparameters, check_reduction, check_teacher_grad,
                              compute_dtype, log_probs, reduce_values)
-from .losses import (LossRegistry, LossSpec, NON_NEGATIVE, apply_checks, check_temperature, core_divergence,
-                         positive)
+from .core import ab_divergence
+from .losses import LossRegistry, LossSpec, NON_NEGATIVE, apply_checks, check_temperature, positive
 
 # %% auto #0
 __all__ = ['DKD_CHECKS', 'TEMPERATURE', 'VISION_LOSSES', 'check_class_logits', 'check_labels', 'kd_term', 'kd_loss', 'abkd_loss',
@@ -66,7 +66,7 @@ def check_labels(labels, student_logits: Tensor) -> Tensor:
 def kd_term(student_logits: Tensor, teacher_logits: Tensor, alpha: float, beta: float, temperature: float,
             reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "T²·D_AB^(α,β)(softmax(t/T) ‖ softmax(s/T)) through the core (the KD family's term)."
-    return temperature ** 2 * core_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature,
+    return temperature ** 2 * ab_divergence(student_logits, teacher_logits, alpha, beta, temperature=temperature,
                                               reduction=reduction, teacher_grad=teacher_grad)
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 4.0,
@@ -103,7 +103,7 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, al
     T, dtype = temperature, compute_dtype(student_logits, teacher_logits)
     target = F.one_hot(labels, student_logits.shape[1]).bool()
     a, b = (alpha, beta) if ab_tckd else (1.0, 0.0)
-    tckd = T ** 2 * core_divergence(_binary_log_probs(student_logits, labels, target, T, dtype),
+    tckd = T ** 2 * ab_divergence(_binary_log_probs(student_logits, labels, target, T, dtype),
                                     _binary_log_probs(teacher_logits, labels, target, T, dtype), a, b, reduction=reduction,
                                     teacher_grad=teacher_grad)
     ninf = float("-inf")                                            # target excluded on both sides
@@ -162,7 +162,7 @@ def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Te
              reduction: str = "mean", teacher_grad: bool = False) -> Tensor:
     "TTM: KL(p^γ/Σp^γ ‖ softmax(s)) (student at temperature 1, no T²; labels unused)."
     check_class_logits(student_logits, teacher_logits, teacher_grad)
-    return core_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), 1.0, 0.0,
+    return ab_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), 1.0, 0.0,
                            reduction=reduction, teacher_grad=teacher_grad)
 
 def abttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, alpha: float,
@@ -170,7 +170,7 @@ def abttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[
     "ABTTM: D_AB^(α,β)(p^γ/Σp^γ ‖ softmax(s)) (labels unused)."
     check_class_logits(student_logits, teacher_logits, teacher_grad)
     alpha, beta, _ = check_hyperparameters(alpha, beta)
-    return core_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), alpha, beta,
+    return ab_divergence(student_logits, power_transform_logits(teacher_logits, positive(gamma, "gamma")), alpha, beta,
                            reduction=reduction, teacher_grad=teacher_grad)
 
 def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *, gamma: float = 0.2,
@@ -180,7 +180,7 @@ def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[T
     reduction = check_reduction(reduction)
     teacher = power_transform_logits(teacher_logits, positive(gamma, "gamma"))     # γ log p
     weight = teacher.logsumexp(-1).exp()                                      # Σ_k p_k^γ
-    per_sample = weight * core_divergence(student_logits, teacher, 1.0, 0.0, reduction="none", teacher_grad=teacher_grad)
+    per_sample = weight * ab_divergence(student_logits, teacher, 1.0, 0.0, reduction="none", teacher_grad=teacher_grad)
     return reduce_values(per_sample, reduction, per_sample.shape[0], tuple(per_sample.shape))
 
 # %% ../nbs/08_vision_losses.ipynb #ab1907a7
