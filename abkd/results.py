@@ -263,9 +263,15 @@ def _check_table(t, where: str) -> None:
         _check_cells(part["rows"], part.get("std"), cols, markers, f"{where}.parts.{p}")
         shared = sorted(set(part["rows"]) & set(t["rows"]))
         _need(not shared, f"{where}.parts.{p}", f"rows {shared} are also shared rows of the table")
+    _need(bool(t["rows"]) or any(p["rows"] for p in t.get("parts", {}).values()), f"{where}.rows",
+          "the table holds no row: a table holds numbers (or markers), not a placeholder for them")
     if "paper_table" in t:
         expected = paper_source(t["paper_table"])
         _need(t["source"] == expected, f"{where}.source", f"{t['source']!r} should be {expected!r}")
+    else:
+        _need(not t["source"].startswith("ABKD paper"), f"{where}.source",
+              f"{t['source']!r} cites the ABKD paper without a paper_table label: the paper's own tables carry "
+              f"paper_table and the source {paper_source('N')!r}; another source names itself first")
 
 def _check_alpha_beta(v, where: str) -> None:
     _need(isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v), where,
@@ -508,7 +514,10 @@ def _paper_id(table) -> str:
     "The id of the paper's table `table` (a label such as '2', 2, '3/10', 'Fig. 5', or an id); ValueError if unknown."
     idx = _paper_index()
     if str(table) not in idx:
-        raise ValueError(f"the ABKD paper has no table {table!r} here; known tables: {', '.join(paper_tables())}")
+        hp = str(table) in paper_hyperparameter_tables()
+        hint = f" (Table {table} is an α, β table: read it with paper_hyperparameters)" if hp else ""
+        raise ValueError(f"the ABKD paper has no table {table!r} of results here{hint}; "
+                         f"known tables: {', '.join(paper_tables())}")
     return idx[str(table)]
 
 def paper_table(table, part: str | None = None) -> dict:
@@ -519,9 +528,11 @@ def paper_table(table, part: str | None = None) -> dict:
     if parts is None:
         if part is not None: raise ValueError(f"{t['source']} is one block: call it without part (got part={part!r})")
         return {"id": tid, **t}
+    if part is None:
+        raise ValueError(f"{t['source']} has one block per {t['part_name']}: pass part= one of {', '.join(parts)}")
     if part not in parts:
-        got = "" if part is None else f" (got {part!r})"
-        raise ValueError(f"{t['source']} has one block per {t['part_name']}: pass part= one of {', '.join(parts)}{got}")
+        raise ValueError(f"{t['source']} has no {t['part_name']} {part!r}; "
+                         f"its {t['part_name']}s: {', '.join(parts)}")
     block = parts[part]
     flat = {"id": tid, **t, "title": f"{t['title']}; {t['part_name']}: {part}", "part": part,
             "rows": {**t["rows"], **block["rows"]}}
@@ -537,19 +548,32 @@ def _paper_cell(table, row: str, column: str, part: str | None) -> tuple[dict, f
     if column not in t["columns"]:
         raise ValueError(f"{name} does not report {column!r}; its columns: {', '.join(t['columns'])}")
     v = t["rows"][row].get(column)
-    if v is None: raise ValueError(f"{name} prints no value for ({row}, {column})")
+    if v is None:
+        raise ValueError(f"{name} prints no value for ({row}, {column}); row {row!r} reports: {', '.join(t['rows'][row])}")
     if isinstance(v, str):
-        raise ValueError(f"{name} prints no number for ({row}, {column}): the cell is marked {v!r}")
+        raise ValueError(f"{name} prints no number for ({row}, {column}): the cell is marked {v!r} ({t['note']})")
     return t, v
 
 def paper_number(table, row: str, column: str, part: str | None = None) -> float:
     "The value the paper prints in (row, column) of `table` (block `part`)."
     return _paper_cell(table, row, column, part)[1]
 
-def paper_std(table, row: str, column: str, part: str | None = None) -> float | None:
-    "The std the paper prints beside (row, column) of `table` (block `part`), or None where it prints none."
+def _std_tables() -> list[str]:
+    "Labels of the paper's tables that print a std beside some value."
+    return [t["paper_table"] for t in _published_tables().values() if "paper_table" in t
+            and any(b.get("std") for b in [t, *t.get("parts", {}).values()])]
+
+def paper_std(table, row: str, column: str, part: str | None = None) -> float:
+    "The std the paper prints beside (row, column) of `table` (block `part`); ValueError saying so where it prints none."
     t, _ = _paper_cell(table, row, column, part)
-    return t.get("std", {}).get(row, {}).get(column)
+    std, name = t.get("std", {}), t["source"] + ("" if part is None else f" ({t['part_name']} {part})")
+    if not std:
+        raise ValueError(f"{name} prints no std (one value per cell); the tables with a std: {', '.join(_std_tables())}")
+    if column not in std.get(row, {}):
+        with_std = _unique(*std.values())
+        raise ValueError(f"{name} prints no std beside ({row}, {column}); it prints one in the columns "
+                         f"{', '.join(c for c in t['columns'] if c in with_std)}")
+    return std[row][column]
 
 def _hyperparameter_table(table) -> dict:
     "The α, β table with label or id `table`; ValueError listing the known ones."
@@ -557,7 +581,8 @@ def _hyperparameter_table(table) -> dict:
     by_name = {**hp, **{h["paper_table"]: h for h in hp.values()}}
     if str(table) not in by_name:
         known = ", ".join(h["paper_table"] for h in hp.values())
-        raise ValueError(f"the ABKD paper has no α, β table {table!r} here; known tables: {known}")
+        hint = f" (Table {table} holds results: read it with paper_number)" if str(table) in _paper_index() else ""
+        raise ValueError(f"the ABKD paper has no α, β table {table!r} here{hint}; known tables: {known}")
     return by_name[str(table)]
 
 def paper_hyperparameters(table, *keys: str) -> tuple[float, float]:

@@ -185,13 +185,13 @@ def test_filtering_and_order(tmp_path):
 
 def test_published_lookup():
     ids = published_tables()
-    assert {"gpt2_rougel", "gpt2_rougel_minillm", "gpt2_teacher_sft", "cifar100_teachers", "cifar100_students",
-            "cifar100_kd_dkd", "cifar100_ls", "cifar100_ttm", "cifar100_abkd_paper", "clip_promptkd",
-            "clip_abkd_paper"} <= set(ids)
-    g = published("gpt2_rougel")
-    assert g["id"] == "gpt2_rougel" and len(g["rows"]) == 7
-    assert g["rows"]["SFT"] == {"Dolly": 23.14, "SelfInst": 10.22, "Vicuna": 15.15, "S-NI": 17.41, "UnNI": 19.76}
-    assert g["rows"]["ABKD"]["UnNI"] == 29.32
+    assert {"gpt2_rougel_minillm", "gpt2_teacher_sft", "cifar100_teachers", "cifar100_students",
+            "cifar100_kd_dkd", "cifar100_ls", "cifar100_ttm"} <= set(ids)
+    g = published("abkd_table2")
+    assert g["id"] == "abkd_table2" and list(g["rows"]) == ["Teacher"] and len(g["parts"]["GPT-2 (0.1B)"]["rows"]) == 7
+    assert g["parts"]["GPT-2 (0.1B)"]["rows"]["SFT"] == {"Dolly": 23.14, "SelfInst": 10.22, "Vicuna": 15.15,
+                                                          "S-NI": 17.41, "UnNI": 19.76}
+    assert g["parts"]["GPT-2 (0.1B)"]["rows"]["ABKD"]["UnNI"] == 29.32
     assert published("gpt2_rougel_minillm")["rows"]["MiniLLM"]["S-NI"] == 25.3
     assert published("gpt2_teacher_sft")["rows"]["GPT-2 XL (SFT)"] == {"Dolly": 27.04}
     assert "jongwooko/distillm issue #5" in published("gpt2_teacher_sft")["source"]
@@ -202,14 +202,11 @@ def test_published_lookup():
     assert published("cifar100_ttm")["rows"][pair_label("resnet32x4", "resnet8x4")] == {"TTM": 76.17, "WTTM": 76.06}
     assert published("cifar100_teachers")["rows"]["resnet32x4"] == {"top1": 79.42}
     assert published("cifar100_students")["rows"]["MobileNetV2"] == {"top1": 64.60}
-    assert published("clip_promptkd")["rows"]["DTD"] == {"base": 85.84, "new": 71.37}
-    for tid in ("cifar100_abkd_paper", "clip_abkd_paper"):
-        t = published(tid)
-        assert t["rows"] == {} and t["missing"] == "paper value not recorded"
     for tid in ids:
         t = published(tid)
         assert t["source"] and t["title"] and t["metric"] and isinstance(t["decimals"], int)
         assert all(set(c) <= set(t["columns"]) for c in t["rows"].values())
+        assert t["rows"] or any(p["rows"] for p in t.get("parts", {}).values()), f"{tid} is an empty placeholder"
 
 
 def test_published_file_is_packaged():
@@ -218,12 +215,12 @@ def test_published_file_is_packaged():
 
 
 def test_published_returns_copies():
-    published("gpt2_rougel")["rows"].clear()
-    assert len(published("gpt2_rougel")["rows"]) == 7
+    published("cifar100_kd_dkd")["rows"].clear()
+    assert len(published("cifar100_kd_dkd")["rows"]) == 11
 
 
 def test_published_unknown_id():
-    with pytest.raises(ValueError, match=r"unknown published table 'cifar10'.*valid ids: .*gpt2_rougel"):
+    with pytest.raises(ValueError, match=r"unknown published table 'cifar10'.*valid ids: .*cifar100_kd_dkd.*abkd_table2"):
         published("cifar10")
 
 
@@ -267,29 +264,36 @@ def test_records_to_table(tmp_path):
 
 def test_render_table_ours_beside_published(tmp_path):
     ours = records_to_table(_gpt2_records(tmp_path), "config.method", metric="rougeL")
-    md = render_table(["ABKD", "KD", "GKD"], ["Dolly", "UnNI"], ours, "gpt2_rougel")
+    table2 = paper_table(2, "GPT-2 (0.1B)")
+    md = render_table(["ABKD", "KD", "GKD"], ["Dolly", "UnNI"], ours, table2)
     lines = md.splitlines()
     assert lines[0] == "|  | Dolly ours | Dolly published | UnNI ours | UnNI published |"
     assert "| ABKD | 25.50 ± 0.71 (n=2) | 25.65 [1] | 29.50 ± 0.71 (n=2) | 29.32 [1] |" in lines
     assert "| KD | 23.00 (n=1) | 23.80 [1] | 19.00 (n=1) | 18.99 [1] |" in lines
     assert "| GKD | not run | 24.49 [1] | not run | 21.41 [1] |" in lines
     assert "Sources:" in lines
-    src = published("gpt2_rougel")["source"]
-    assert any(l.startswith("- [1] ") and "`gpt2_rougel`" in l and src in l for l in lines)
+    assert f"- [1] {table2['title']} (`abkd_table2`): ABKD paper (ICML 2025), Table 2" in lines
 
 
 def test_render_table_several_sources_and_missing_labels():
     pair = pair_label("resnet32x4", "resnet8x4")
-    md = render_table([pair, "a → b"], ["KD", "WTTM", "ABKD", "CRD"],
-                      {pair: {"ABKD": [76.0, 76.4]}},
-                      ["cifar100_kd_dkd", "cifar100_ttm", "cifar100_abkd_paper"], row_header="pair")
+    # a table of our own that declares a `missing` label: its empty cells say why, cited like a value
+    pending = {"id": "pending", "title": "Pending transcription", "source": "a test table", "columns": ["CRD", "KD"],
+               "missing": "not transcribed", "rows": {pair: {"KD": 1.0}}, "decimals": 1}
+    refs = ["cifar100_kd_dkd", "cifar100_ttm", paper_table("Fig. 5"), pending]
+    md = render_table([pair, "a → b"], ["KD", "WTTM", "ABKD", "CRD", "FitNet"],
+                      {pair: {"ABKD": [76.0, 76.4]}}, refs, row_header="pair")
     lines = md.splitlines()
+    assert lines[0] == ("| pair | KD ours | KD published | WTTM ours | WTTM published | ABKD ours | ABKD published | "
+                        "CRD ours | CRD published | FitNet ours | FitNet published |")
     assert (f"| {pair} | not run | 73.33 [1] | not run | 76.06 [2] | 76.20 ± 0.28 (n=2) | "
-            f"paper value not recorded [3] | not run | not recorded |") in lines
+            f"Fig. 5 only [3] | not run | not transcribed [4] | not run | not recorded |") in lines
+    # no table holds the row: the first table declaring the column is cited, with its label or 'not recorded'
     assert ("| a → b | not run | not recorded [1] | not run | not recorded [2] | not run | "
-            "paper value not recorded [3] | not run | not recorded |") in lines
-    for i, tid in enumerate(["cifar100_kd_dkd", "cifar100_ttm", "cifar100_abkd_paper"], 1):
+            "not recorded [3] | not run | not transcribed [4] | not run | not recorded |") in lines
+    for i, tid in enumerate(["cifar100_kd_dkd", "cifar100_ttm", "abkd_fig5", "pending"], 1):
         assert any(l.startswith(f"- [{i}] ") and f"`{tid}`" in l for l in lines)
+    assert "- [3] " + paper_table("Fig. 5")["title"] + " (`abkd_fig5`): ABKD paper (ICML 2025), Fig. 5" in lines
 
 
 def test_render_table_defaults_and_decimals():
@@ -318,12 +322,14 @@ def test_format_mean_std_without_the_count():
 
 
 def test_published_number_and_citations():
-    assert published_number(published("gpt2_rougel"), "ABKD", "Dolly") == "25.65"
+    table2 = paper_table(2, "GPT-2 (0.1B)")
+    assert published_number(table2, "ABKD", "Dolly") == "25.65"
+    assert published_number(table2, "ABKD", "Dolly", with_std=True) == "25.65 (0.24)"
     assert published_number(published("gpt2_rougel_minillm"), "SFT", "Dolly") == "23.3"    # the source's decimals
-    assert published_number(published("gpt2_rougel"), "ABKD", "no such column") is None
-    assert published_number(published("gpt2_rougel"), "no such row", "Dolly") is None
-    line = cite_published(["clip_promptkd", "gpt2_rougel"])
-    assert line == f"[clip_promptkd] {published('clip_promptkd')['source']} [gpt2_rougel] {published('gpt2_rougel')['source']}"
+    assert published_number(table2, "ABKD", "no such column") is None
+    assert published_number(table2, "no such row", "Dolly") is None
+    line = cite_published(["cifar100_ttm", "abkd_table13"])
+    assert line == f"[cifar100_ttm] {published('cifar100_ttm')['source']} [abkd_table13] ABKD paper (ICML 2025), Table 13"
 
 
 def test_write_markdown_joins_title_and_blocks(tmp_path):
@@ -430,10 +436,25 @@ def test_every_paper_table_is_held_with_its_source_label():
     assert len(paper_parts(16)) == 12 and paper_parts(13) == []
 
 
-def test_existing_tables_unchanged_by_the_paper_tables():
-    g = published("gpt2_rougel")   # the secondary table the LLM experiment still cites
-    assert g["rows"]["DistiLLM"] == {"Dolly": 25.32, "SelfInst": 11.65, "Vicuna": 16.76, "S-NI": 23.52, "UnNI": 25.79}
-    assert published("cifar100_abkd_paper")["rows"] == {} and published("clip_abkd_paper")["rows"] == {}
+def test_every_source_label():
+    "Every entry names its source: the paper's tables exactly by their label, every other table by its own origin."
+    data = load_published()
+    for tid, t in data["tables"].items():
+        if "paper_table" in t:
+            label = t["paper_table"]
+            assert t["source"] == paper_source(label) and re.fullmatch(r"ABKD paper \(ICML 2025\), (Tables? [\d a-z]+|Fig\. \d+)",
+                                                                          t["source"]), tid
+            assert published(tid)["source"] == paper_table(label, (paper_parts(label) or [None])[0])["source"]
+        else:   # a peer's table: it names itself, says whether it is primary or secondary, never passes as the paper's
+            assert not t["source"].startswith("ABKD paper"), tid
+            assert re.search(r"primary|secondary", t["source"], re.I), tid
+    for hid, h in data["hyperparameters"].items():
+        assert h["source"] == paper_source(h["paper_table"]) == f"ABKD paper (ICML 2025), Table {h['paper_table']}", hid
+    for sid, s in data["training"].items():
+        for fid, f in s["facts"].items():
+            assert f["source"].startswith(("ABKD paper (ICML 2025), ", "official code ghwang-s/abkd")), (sid, fid)
+            if "official" in f: assert f["official"]["source"].strip(), (sid, fid)
+    assert paper_source("13") == "ABKD paper (ICML 2025), Table 13"
 
 
 def test_llm_tables_equal_the_transcription(md):
@@ -493,7 +514,19 @@ def test_llm_tables_agree_with_each_other():
         assert paper_number(8, "Prior SOTA", c) == paper_number(2, best, c, "GPT-2 (0.1B)")
         assert paper_std(8, "Prior SOTA", c) == paper_std(2, best, c, "GPT-2 (0.1B)")
     assert all(paper_std(11, r, c) is not None for r in paper_table(11)["rows"] for c in LLM)
-    assert paper_std(12, "ABKD", "GSM8K") is None
+    with pytest.raises(ValueError, match="Table 12 prints no std"):
+        paper_std(12, "ABKD", "GSM8K")
+
+
+def test_a_cell_without_a_value_says_what_its_row_reports(monkeypatch):
+    "A row that leaves a column blank: the error names the cell and the columns the row does report."
+    tables = json.loads(json.dumps(R._published_tables()))
+    del tables["abkd_table15"]["rows"]["1.2"]["-0.3"]
+    monkeypatch.setattr(R, "_published_tables", lambda: tables)
+    assert paper_number(15, "1.2", "-0.1") == 70.81
+    with pytest.raises(ValueError, match=r"Table 15 prints no value for \(1\.2, -0\.3\); row '1\.2' reports: -0\.1, -0\.5$"):
+        paper_number(15, "1.2", "-0.3")
+    assert "| 1.2 | 70.81 |  | 70.35 |" in paper_markdown(15)           # the blank cell renders blank, not as a number
 
 
 def test_cifar_tables_equal_the_transcription(md):
@@ -590,9 +623,24 @@ def test_training_facts_carry_their_sources():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: paper_table(5), "no table 5 here; known tables: 2, 3/10, 8, 9, 11, 12, 13, 14, 15, 16, Fig. 5"),
+    (lambda: paper_table(5), "no table 5 of results here; known tables: 2, 3/10, 8, 9, 11, 12, 13, 14, 15, 16, Fig. 5"),
+    (lambda: paper_number(4, "vgg13 → vgg8", "ABKD"),
+     "no table 4 of results here (Table 4 is an α, β table: read it with paper_hyperparameters)"),
     (lambda: paper_table(2), "Table 2 has one block per student: pass part= one of GPT-2 (0.1B), GPT-2 Medium"),
-    (lambda: paper_table(2, "GPT-2 XL"), "(got 'GPT-2 XL')"),
+    (lambda: paper_table(2, "GPT-2 XL"),
+     "Table 2 has no student 'GPT-2 XL'; its students: GPT-2 (0.1B), GPT-2 Medium (0.3B), GPT-2 Large (0.8B)"),
+    (lambda: paper_number(16, "ABKD", "HM", "CIFAR10"), "Table 16 has no dataset 'CIFAR10'; its datasets: Average (11 datasets), ImageNet"),
+    (lambda: paper_markdown(16, "CIFAR10"), "Table 16 has no dataset 'CIFAR10'; its datasets: Average (11 datasets), ImageNet"),
+    (lambda: paper_markdown(16), "Table 16 has one block per dataset: pass part= one of Average (11 datasets), ImageNet"),
+    (lambda: paper_number(2, "WSD", "Dolly", "GPT-2 (0.1B)"),
+     "Table 2 (student GPT-2 (0.1B)) has no row 'WSD'; its rows: Teacher, SFT, KD, SeqKD, MiniLLM, GKD, DISTILLM, ABKD"),
+    (lambda: paper_std(16, "ABKD", "HM", "DTD"),
+     "Table 16 (dataset DTD) prints no std (one value per cell); the tables with a std: 2, 3/10, 8, 9, 11, 13"),
+    (lambda: paper_std(12, "ABKD", "GSM8K"), "Table 12 prints no std (one value per cell); the tables with a std: 2, 3/10"),
+    (lambda: paper_std(13, pair_label("resnet56", "resnet20"), "Teacher"),
+     "Table 13 prints no std beside (resnet56 → resnet20, Teacher); it prints one in the columns FKLD, RKLD, α-β-divergence"),
+    (lambda: paper_std("Fig. 5", pair_label("vgg13", "vgg8"), "ABKD"), "the cell is marked 'Fig. 5 only' (The paper shows"),
+    (lambda: paper_std(2, "ABKD", "HM", "GPT-2 (0.1B)"), "Table 2 (student GPT-2 (0.1B)) does not report 'HM'; its columns: Dolly"),
     (lambda: paper_table(13, "resnet20"), "Table 13 is one block"),
     (lambda: paper_number(16, "ABKD", "top5", "DTD"), "Table 16 (dataset DTD) does not report 'top5'; its columns: Base, Novel, HM"),
     (lambda: paper_number(12, "GKD", "MATH"), "Table 12 has no row 'GKD'; its rows: Teacher, Student, SeqKD, KD, ABKD"),
@@ -604,7 +652,11 @@ def test_training_facts_carry_their_sources():
     (lambda: paper_hyperparameters(7, "Alpaca"), "Table 7 has no dataset 'Alpaca'; known datasets: Dolly, SelfInst, Vicuna, S-NI, UnNI"),
     (lambda: paper_hyperparameters(13, pair_label("resnet56", "resnet8")), "Table 13 has no pair 'resnet56 → resnet8'; known pairs: resnet32 → resnet20"),
     (lambda: paper_hyperparameters(4, "resnet56 → resnet20"), "Table 4 is looked up by (pair, method), got 1 key(s)"),
-    (lambda: paper_hyperparameters(16, "DTD"), "no α, β table 16 here; known tables: 4, 6, 7, 13"),
+    (lambda: paper_hyperparameters(16, "DTD"),
+     "no α, β table 16 here (Table 16 holds results: read it with paper_number); known tables: 4, 6, 7, 13"),
+    (lambda: paper_hyperparameters(5, "DTD"), "no α, β table 5 here; known tables: 4, 6, 7, 13"),
+    (lambda: paper_hyperparameters(4, pair_label("ResNet50", "vgg8"), "ABKD"),
+     "Table 4 has no pair 'ResNet50 → vgg8'; known pairs: wrn_40_2 → wrn_16_2"),
     (lambda: training_facts("imagenet"), "no training facts for 'imagenet'; known settings: cifar100, cifar100_ablsd, base_to_new"),
     (lambda: training_fact("cifar100", "warmup"), "no fact 'warmup' for 'cifar100'; known facts: batch_size"),
 ])
@@ -657,6 +709,21 @@ def _corrupted(tmp_path, change):
     (lambda d: d["tables"]["abkd_table16"].update(source="ABKD paper, Table 16"),
      "tables.abkd_table16.source: 'ABKD paper, Table 16' should be 'ABKD paper (ICML 2025), Table 16'"),
     (lambda d: d["tables"]["abkd_table12"].pop("source"), "tables.abkd_table12: missing keys ['source']"),
+    (lambda d: d["tables"]["cifar100_ttm"].pop("source"), "tables.cifar100_ttm: missing keys ['source']"),
+    (lambda d: d["tables"]["cifar100_ttm"].update(source="  "), "tables.cifar100_ttm.source: must name where the numbers come from"),
+    (lambda d: d["tables"]["cifar100_ttm"].update(source="ABKD paper (Wang et al., ICML 2025), CIFAR-100 tables."),
+     "tables.cifar100_ttm.source: 'ABKD paper (Wang et al., ICML 2025), CIFAR-100 tables.' cites the ABKD paper "
+     "without a paper_table label: the paper's own tables carry paper_table and the source 'ABKD paper (ICML 2025), Table N'"),
+    (lambda d: d["tables"]["cifar100_ttm"].update(rows={}, missing="paper value not recorded"),
+     "tables.cifar100_ttm.rows: the table holds no row"),
+    (lambda d: [p["rows"].clear() for p in d["tables"]["abkd_table16"]["parts"].values()],
+     "tables.abkd_table16.rows: the table holds no row"),
+    (lambda d: d["hyperparameters"]["table6"].pop("source"), "hyperparameters.table6: missing keys ['source']"),
+    (lambda d: d["hyperparameters"]["table6"].update(source="ABKD paper"),
+     "hyperparameters.table6.source: 'ABKD paper' should be 'ABKD paper (ICML 2025), Table 6'"),
+    (lambda d: d["training"]["cifar100"]["facts"]["kd_weight"]["official"].pop("source"),
+     "training.cifar100.facts.kd_weight.official: missing keys ['source']"),
+    (lambda d: d["training"]["cifar100"]["facts"]["lr"].update(source=" "), "training.cifar100.facts.lr: needs a value and a source"),
     (lambda d: d["tables"]["abkd_table12"].update(stds={}), "tables.abkd_table12: unknown keys ['stds']"),
     (lambda d: d["tables"]["abkd_table12"].update(decimals="1"), "tables.abkd_table12.decimals: must be of type int, got str"),
     (lambda d: d["tables"]["abkd_table15"]["rows"]["1.2"].update({"-0.1": float("nan")}), "is neither a finite number"),
