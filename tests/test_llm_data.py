@@ -1,7 +1,10 @@
 """Tests of `abkd.llm.data`: the exact MiniLLM prompt templates, both record layouts and their errors, prompt-masked
-tokenization and truncation, the padding collate, the validation split, the test-set registry and its ≥ 11-token rule,
-and the synthetic stand-in (records, the byte-level BPE tokenizer through AutoTokenizer, the atomic writer)."""
+tokenization and truncation, the padding collate, the validation split (the official first n lines, a seeded draw as
+an option), the test-set registry and its ≥ 11-token rule, the synthetic stand-in (records, the byte-level BPE
+tokenizer through AutoTokenizer, the atomic writer), and the pre-training corpus (get_openwebtext.py's layout, the
+blocks of process_data_pretrain.py, its stand-in and its errors)."""
 import json
+import re
 
 import pytest
 import torch
@@ -211,23 +214,28 @@ def test_pad_falls_back_to_eos():
 
 def test_validation_split_size_and_determinism():
     xs = list(range(3000))
-    tr, va = D.split_validation(xs)
-    assert (len(tr), len(va)) == (2000, 1000)
-    assert D.split_validation(xs) == (tr, va) and D.split_validation(xs, 1000, seed=0) == (tr, va)
-    assert sorted(tr + va) == xs and va == sorted(va)
-    assert D.split_validation(xs, 1000, seed=1)[1] != va
-    assert D.split_validation(xs, 5, seed=None)[1] == [0, 1, 2, 3, 4]     # MiniLLM: the first dev_num lines
+    tr, va = D.split_validation(xs)                                       # the official: the first dev_num = 1000
+    assert (tr, va) == (xs[1000:], xs[:1000])
+    assert D.split_validation(xs, 5)[1] == [0, 1, 2, 3, 4]
+    tr0, va0 = D.split_validation(xs, 1000, seed=0)                        # the option: a seeded draw
+    assert (len(tr0), len(va0)) == (2000, 1000) and D.split_validation(xs, 1000, seed=0) == (tr0, va0)
+    assert sorted(tr0 + va0) == xs and va0 == sorted(va0) and va0 != va
+    assert D.split_validation(xs, 1000, seed=1)[1] != va0
     with pytest.raises(ValueError, match="must be smaller"):
         D.split_validation(xs[:10], 10)
 
 
 def test_load_train_valid(tmp_path):
     root = D.write_synthetic_instruction_data(tmp_path / "data", n_train=120, n_test=10, seed=3)
-    tr, va = D.load_train_valid(root, n_valid=20, seed=0)
-    assert (len(tr), len(va)) == (100, 20)
-    assert D.load_train_valid(root, n_valid=20, seed=0) == (tr, va)
-    tr2, va2 = D.load_train_valid(root, n_valid=20, seed=0, exclude=va[:5])
-    assert len(tr2) + len(va2) == 115
+    pool = D.read_examples(root / D.TRAIN_FILE)
+    tr, va = D.load_train_valid(root, n_valid=20)
+    assert (tr, va) == (pool[20:], pool[:20])                             # the first 20 lines, as the official
+    tr0, va0 = D.load_train_valid(root, n_valid=20, seed=0)
+    assert (len(tr0), len(va0)) == (100, 20) and va0 != va
+    assert D.load_train_valid(root, n_valid=20, seed=0) == (tr0, va0)
+    assert sorted(map(D.example_key, tr0 + va0)) == sorted(map(D.example_key, pool))
+    tr2, va2 = D.load_train_valid(root, n_valid=20, exclude=va[:5] + tr[:3])   # dropped after the split
+    assert (tr2, va2) == (pool[23:], pool[5:20])
 
 
 # ---------------------------------------------------------------- test sets
@@ -379,3 +387,84 @@ def test_a_hub_dataset_that_cannot_be_loaded_is_data_not_found(tmp_path, monkeyp
                           "loaded") and "pass a local jsonl file" in msg and "\n" not in msg
     with pytest.raises(DataNotFoundError, match="'json'"):             # the json builder on a missing file
         D.load_instructions("json", data_files=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c2"))
+
+
+# ---------------------------------------------------------------- the pre-training corpus (OpenWebText layout)
+
+def test_corpus_standin_layout(tmp_path):
+    file = D.write_lm_corpus_standin(tmp_path, n_docs=30, seed=1)
+    assert file == tmp_path / "openwebtext" / "data.txt" == tmp_path / D.LM_CORPUS_FILE
+    docs = D.synthetic_documents(30, seed=1)
+    assert docs == D.synthetic_documents(30, seed=1) != D.synthetic_documents(30, seed=2)
+    text = file.read_text(encoding="utf-8")
+    assert text == "".join(re.sub(r"\n+", "<@x(x!>", d) + "\n" for d in docs)     # get_openwebtext.py's write
+    assert text.count("\n") == 30 and "<@x(x!>" in text and any("\n\n" in d for d in docs)
+    assert D.write_lm_corpus_standin(tmp_path, n_docs=30, seed=1) == file          # the same call: a no-op
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        D.write_lm_corpus_standin(tmp_path, n_docs=31, seed=1)
+    assert D.write_lm_corpus_standin(tmp_path, n_docs=31, seed=1, overwrite=True) == file
+    assert file.read_text(encoding="utf-8").count("\n") == 31
+    real = tmp_path / "real" / "openwebtext"
+    real.mkdir(parents=True)
+    (real / "data.txt").write_text("a real document\n")
+    with pytest.raises(FileExistsError, match="never replaced"):
+        D.write_lm_corpus_standin(tmp_path / "real", n_docs=5, overwrite=True)
+    assert (real / "data.txt").read_text() == "a real document\n"
+    assert not list(tmp_path.glob("openwebtext/.data.txt.partial-*"))
+
+
+def test_corpus_blocks_are_the_official_stream_cut(tmp_path, tok):
+    "Per line: markers back to newlines (the line's own newline kept), tokens + EOS; concatenated; cut in order."
+    file = tmp_path / "data.txt"
+    lines = ["First document.<@x(x!>Second paragraph of it.", "", "Another one<@x(x!>with<@x(x!>three paragraphs.",
+             "Last line without a final newline"]
+    file.write_text("\n".join(lines), encoding="utf-8")
+    docs = ["First document.\nSecond paragraph of it.\n", "\n", "Another one\nwith\nthree paragraphs.\n",
+            "Last line without a final newline"]
+    eos = tok.eos_token_id
+    stream = [t for d in docs for t in tok.encode(d, add_special_tokens=False) + [eos]]
+    blocks = D.read_lm_corpus(file, tok, max_len=7)
+    assert [b["input_ids"] for b in blocks] == [stream[i:i + 7] for i in range(0, len(stream) // 7 * 7, 7)]
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+    assert D.read_lm_corpus(tmp_path, tok, 7) == blocks                           # a folder holding data.txt
+    assert D.read_lm_corpus(file, tok, 7, skip_blocks=2, max_blocks=3) == blocks[2:5]
+    assert D.read_lm_corpus(file, tok, 7, max_blocks=len(blocks) + 9) == blocks
+    root = tmp_path / "root"
+    D.write_lm_corpus_standin(root, n_docs=20)
+    assert D.read_lm_corpus(root, tok, 16) == D.read_lm_corpus(root / D.LM_CORPUS_FILE, tok, 16)
+
+
+def test_corpus_blocks_train_with_the_collate(tmp_path, tok):
+    blocks = D.read_lm_corpus(D.write_lm_corpus_standin(tmp_path, n_docs=10), tok, max_len=12)
+    batch = D.make_collate(tok)(blocks[:3])
+    assert batch["input_ids"].shape == (3, 12) and bool(batch["attention_mask"].all())
+    assert torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_corpus_bad_inputs(tmp_path, tok):
+    short = tmp_path / "short.txt"; short.write_text("A few words.\n")
+    with pytest.raises(ValueError, match=r"make 0 blocks of max_len=512.*longer corpus, a smaller max_len"):
+        D.read_lm_corpus(short, tok, max_len=512)
+    n = len(D.read_lm_corpus(short, tok, max_len=2))
+    with pytest.raises(ValueError, match=r"skip_blocks=.*none is left.*smaller skip_blocks"):
+        D.read_lm_corpus(short, tok, max_len=2, skip_blocks=n)
+    empty = tmp_path / "empty.txt"; empty.write_text("")
+    with pytest.raises(ValueError, match="is empty.*one document a line"):
+        D.read_lm_corpus(empty, tok)
+    with pytest.raises(DataNotFoundError, match=r"no data.txt at .*nowhere.*get_openwebtext.py.*write_lm_corpus_standin"):
+        D.read_lm_corpus(tmp_path / "nowhere", tok)
+    binary = tmp_path / "processed" / "gpt2" / "512" / "10M"
+    binary.mkdir(parents=True)
+    (binary / "train_0.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="processed binary form.*raw text file data.txt"):
+        D.read_lm_corpus(binary, tok)
+    with pytest.raises(ValueError, match="processed binary form"):
+        D.read_lm_corpus(tmp_path / "processed", tok)
+    for kw, name in ((dict(max_len=0), "max_len"), (dict(max_len=2.5), "max_len"), (dict(skip_blocks=-1), "skip_blocks"),
+                     (dict(max_blocks=0), "max_blocks")):
+        with pytest.raises(ValueError, match=f"{name} must be a"):
+            D.read_lm_corpus(short, tok, **kw)
+    with pytest.raises(ValueError, match="n_docs must be a positive integer"):
+        D.write_lm_corpus_standin(tmp_path / "x", n_docs=0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        D.read_lm_corpus(short, type("NoEos", (), {"eos_token_id": None, "encode": lambda self, t, **k: [1]})(), 2)

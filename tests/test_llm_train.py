@@ -1,13 +1,19 @@
-"""The LLM trainer: token normalisation under gradient accumulation, exact resume, student-generated outputs,
-selection (or none without a validation set), the subsampled monitor with vocabulary mapping, the fused loss, and
-bad inputs — on tiny random GPT-2s."""
+"""The LLM trainer: token normalisation under gradient accumulation (micro 8 × accum 4 = micro 32 × accum 1), the
+official loss combination with an LM term on a pre-training corpus, AdamW's weight-decay groups, exact resume,
+student-generated outputs, selection (or none without a validation set), the subsampled monitor with vocabulary
+mapping, the fused loss, PEFT LoRA students and `load_trained`, and bad inputs — on tiny random GPT-2s and LLaMAs."""
+import math
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from abkd.llm.train import (LLMTrainConfig, ReplayBuffer, fit_llm, fused_micro_batch_loss, make_kd_loss,
-                            micro_batch_loss, monitor_rows, monitor_stats, output_head, prompt_lengths, update_gen_prob)
+from abkd.llm.train import (NO_DECAY, CorpusStream, LLMTrainConfig, ReplayBuffer, fit_llm, fused_micro_batch_loss,
+                            load_trained, lm_micro_batch_loss, make_kd_loss, micro_batch_loss, monitor_rows,
+                            monitor_stats, official_loss_weights, optimizer_param_groups, output_head, prompt_lengths,
+                            update_gen_prob)
+from abkd.llm import train as T
+from abkd.training import Processes
 from abkd.mass_concentration import concentration_stats
 
 
@@ -293,6 +299,8 @@ BAD_CONFIGS = [
     (dict(fused_loss=True, loss="fkl", loss_params={}), "fused_loss=False"),
     (dict(fused_loss=True, mode="sft"), "fused_loss=False"), (dict(fused_loss=True, lm_weight=0.5), "lm_weight"),
     (dict(fused_loss=True, loss_params=dict(alpha=0.2, beta=0.7, vocab_policy="pad")), "vocab_policy"),
+    (dict(kd_ratio=1.5), "kd_ratio"), (dict(kd_ratio=-0.1), "kd_ratio"), (dict(kd_ratio=float("nan")), "kd_ratio"),
+    (dict(fused_loss=True, kd_ratio=0.5), "kd_ratio"),
 ]
 
 
@@ -309,3 +317,260 @@ def test_good_config_values_accepted():
     LLMTrainConfig(max_grad_norm=None, warmup_steps=0, monitor_every=0, lm_weight=0, lr=1, seed=0)
     LLMTrainConfig(mode="sft", loss_params={})                     # sft does not build the loss
     LLMTrainConfig(fused_loss=True, loss_params=dict(alpha=0.2, beta=0.7, temperature=2.0, vocab_policy="error"))
+
+
+# ------------------------------------------------------------------------------ the LM term on a corpus, accumulation
+def varied_rows(n, seed):
+    "Prompt 2–5 tokens, response 1–8 tokens + EOS: examples carry different numbers of loss tokens."
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = torch.randint(3, 40, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        r = torch.cat([torch.randint(3, 40, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g),
+                       torch.tensor([0])])
+        out.append(dict(input_ids=torch.cat([p, r]), labels=torch.cat([torch.full_like(p, -100), r])))
+    return out
+
+
+def corpus_rows(n, length, seed):
+    "Pre-training blocks: every next token supervised (labels = input_ids), as abkd.llm.data.read_lm_corpus makes them."
+    g = torch.Generator().manual_seed(seed)
+    blocks = [torch.randint(0, 40, (length,), generator=g) for _ in range(n)]
+    return [dict(input_ids=b, labels=b.clone()) for b in blocks]
+
+
+def test_official_weights_and_default_combination():
+    assert official_loss_weights() == dict(kd_ratio=1.0, lm_weight=1.0)          # ABKD/DistiLLM scripts: kd-ratio 1
+    assert official_loss_weights(0.5, with_corpus=False) == dict(kd_ratio=0.5, lm_weight=0.0)
+    cfg = LLMTrainConfig(**official_loss_weights())
+    assert (cfg.kd_ratio, cfg.lm_weight) == (1.0, 1.0)
+
+
+def test_step_loss_is_the_official_combination():
+    """One step through the trainer's accumulation equals, in gradient, the reference
+    kd_ratio·ΣKD/N + (1 − kd_ratio)·ΣCE/N + lm_weight·mean CE(corpus), computed over the whole step at once."""
+    student, teacher = gpt(0), gpt(1, 3).requires_grad_(False)
+    train, corpus = varied_rows(12, 3), corpus_rows(12, 9, 4)
+    cfg = LLMTrainConfig(kd_ratio=0.6, lm_weight=0.8, micro_batch_size=4, grad_accum=3)
+    kd = make_kd_loss(cfg)
+    batches = [collate(train[i:i + 4]) for i in range(0, 12, 4)]
+    lm_batches = [collate(corpus[i:i + 4]) for i in range(0, 12, 4)]
+    student.zero_grad()
+    T._accumulate(cfg, Processes(None, "cpu"), student, None, teacher, batches, kd, lm_batches)
+    got = torch.cat([p.grad.flatten() for p in student.parameters()])
+    student.zero_grad()
+    whole, lm_whole = collate(train), collate(corpus)
+    logits = student(whole["input_ids"], attention_mask=whole["attention_mask"]).logits
+    with torch.no_grad(): t = teacher(whole["input_ids"], attention_mask=whole["attention_mask"]).logits
+    s, lab, mask = T.align_next_token(logits, labels=whole["labels"])
+    tt, _, _ = T.align_next_token(t, labels=whole["labels"])
+    n = mask.sum()
+    ce_sum = F.cross_entropy(s.reshape(-1, 40), lab.reshape(-1), ignore_index=-100, reduction="sum")
+    c_logits = student(lm_whole["input_ids"]).logits
+    ce_corpus = F.cross_entropy(c_logits[:, :-1].reshape(-1, 40), lm_whole["labels"][:, 1:].reshape(-1))   # token mean
+    ref = 0.6 * kd(s, tt, mask=mask) / n + 0.4 * ce_sum / n + 0.8 * ce_corpus
+    ref.backward()
+    want = torch.cat([p.grad.flatten() for p in student.parameters()])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("with_corpus", [False, True])
+def test_micro_8_accum_4_equals_micro_32_accum_1(tmp_path, with_corpus):
+    """Global batch 32: micro-batches of 8 with 4 accumulation steps give the same run as one micro-batch of 32
+    (examples with 2–9 loss tokens; weight decay on; with and without the corpus LM term) — over 3 optimiser steps, so
+    Adam's update depends on the gradients' magnitudes, not only their signs. Float64: Adam's first step divides by
+    |g| + eps, which turns float32 rounding in tiny gradients into visible differences."""
+    train, corpus = varied_rows(96, 0), corpus_rows(40, 12, 5)
+    final = {}
+    for mb, ga in ((8, 4), (32, 1)):
+        cfg = LLMTrainConfig(epochs=1, micro_batch_size=mb, grad_accum=ga, lr=1e-3, weight_decay=0.01, kd_ratio=0.5,
+                             lm_weight=0.7, monitor_every=0)
+        model = gpt(0).double()
+        res = fit_llm(cfg, model, train, None, collate, tmp_path / f"{mb}x{ga}", teacher=gpt(1, 3).double(),
+                      progress=False, lm_set=corpus if with_corpus else None)
+        final[mb] = (model.state_dict(), res["epochs"][0])
+    (a, ea), (b, eb) = final[8], final[32]
+    start = gpt(0).double().state_dict()
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    gap = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-3 and gap < 1e-9 * moved, (gap, moved)
+    assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-5)
+    if with_corpus: assert ea["lm_corpus_loss"] == pytest.approx(eb["lm_corpus_loss"], rel=1e-5)
+
+
+def test_a_per_micro_batch_mean_would_differ():
+    "The test above can fail: normalising each micro-batch by its own tokens changes the gradient (varied lengths)."
+    student, teacher = gpt(0), gpt(1, 3)
+    train = varied_rows(32, 0)
+    cfg = LLMTrainConfig(kd_ratio=0.5)
+    kd = make_kd_loss(cfg)
+    def grads(normalise_each):
+        student.zero_grad()
+        batches = [collate(train[i:i + 8]) for i in range(0, 32, 8)]
+        n_all = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        for b in batches:
+            n = int((b["labels"][:, 1:] != -100).sum()) * 4 if normalise_each else n_all
+            with torch.no_grad(): t = teacher(b["input_ids"], attention_mask=b["attention_mask"]).logits
+            micro_batch_loss(cfg, student(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], n,
+                             t, kd).backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters()])
+    ours, naive = grads(False), grads(True)
+    assert (ours - naive).abs().max() > 1e-3 * ours.abs().max()
+
+
+def test_corpus_stream_is_seeded_cycled_and_resumable():
+    data = list(range(10))
+    s = CorpusStream(data, seed=3)
+    first = s.take(25)
+    assert sorted(first[:10]) == data and sorted(first[10:20]) == data and first[:10] != first[10:20]
+    assert CorpusStream(data, seed=3).take(25) == first
+    resumed = CorpusStream(data, seed=3, pos=7)
+    assert resumed.take(18) == first[7:25]
+    assert CorpusStream(data, seed=4).take(10) != first[:10]
+
+
+def test_lm_set_run_resumes_exactly_and_is_recorded(tmp_path):
+    train, val, corpus = varied_rows(24, 0), varied_rows(8, 1), corpus_rows(10, 12, 7)
+    cfg = LLMTrainConfig(epochs=3, micro_batch_size=4, grad_accum=2, lr=3e-3, lm_weight=1.0, monitor_every=0)
+    full = fit_llm(cfg, gpt(0), train, val, collate, tmp_path / "a", teacher=gpt(1, 3), progress=False, lm_set=corpus)
+    fit_llm(cfg, gpt(0), train, val, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False, lm_set=corpus,
+            stop_after=1)
+    resumed = fit_llm(cfg, gpt(0), train, val, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False,
+                      lm_set=corpus)
+    assert [(e["val_loss"], e["lm_corpus_loss"]) for e in resumed["epochs"]] == \
+        [(e["val_loss"], e["lm_corpus_loss"]) for e in full["epochs"]]
+    assert all(math.isfinite(e["lm_corpus_loss"]) for e in full["epochs"])
+    assert full["lm_term"]["corpus"] == "lm_set (10 examples, weight 1)" and full["lm_term"]["corpus_examples"] == 10
+    assert full["lm_term"]["instruction"] == "instruction batch (weight 0)"
+    on_batch = fit_llm(cfg, gpt(0), train, val, collate, tmp_path / "c", teacher=gpt(1, 3), progress=False)
+    assert on_batch["lm_term"]["corpus"] is None and on_batch["lm_term"]["instruction"] == "instruction batch (weight 1)"
+    assert all(e["lm_corpus_loss"] is None for e in on_batch["epochs"])
+    assert [e["val_loss"] for e in on_batch["epochs"]] != [e["val_loss"] for e in full["epochs"]]
+    with pytest.raises(ValueError, match="another corpus.*same lm_set, resume=False, or another out_dir"):
+        fit_llm(cfg, gpt(0), train, val, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False,
+                lm_set=corpus_rows(10, 12, 8))
+    sft = LLMTrainConfig(mode="sft", epochs=1, micro_batch_size=4, lm_weight=0.5)
+    res = fit_llm(sft, gpt(0), train, None, collate, tmp_path / "s", progress=False, lm_set=corpus)
+    assert res["lm_term"]["corpus"] == "lm_set (10 examples, weight 0.5)"
+
+
+def test_lm_set_bad_inputs(tmp_path):
+    train, corpus = rows(4, 0), corpus_rows(4, 8, 0)
+    with pytest.raises(ValueError, match="lm_set is given but cfg.lm_weight is 0.*set lm_weight > 0.*lm_set=None"):
+        fit_llm(LLMTrainConfig(epochs=1), gpt(0), train, None, collate, tmp_path / "a", teacher=gpt(1),
+                progress=False, lm_set=corpus)
+    with pytest.raises(ValueError, match="lm_set is empty.*read_lm_corpus"):
+        fit_llm(LLMTrainConfig(epochs=1, lm_weight=1.0), gpt(0), train, None, collate, tmp_path / "b",
+                teacher=gpt(1), progress=False, lm_set=[])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------ weight decay
+def test_weight_decay_groups_follow_the_official():
+    model = gpt(0)
+    groups = optimizer_param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    exempt = {names[id(p)] for p in groups[1]["params"]}
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.01, 0.0)
+    assert exempt == {n for n in names.values() if n.endswith(".bias") or ".ln_" in n}
+    assert "transformer.wte.weight" in decayed and "transformer.h.0.attn.c_attn.weight" in decayed
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    assert all(any(k in n for k in NO_DECAY) for n in exempt)
+
+
+def test_weight_decay_is_decoupled_and_skips_the_exempt(tmp_path):
+    "One step with wd = 0.1 vs 0: decayed weights differ by exactly lr·wd·w0 (AdamW), biases and LayerNorms not at all."
+    train, runs = varied_rows(8, 0), {}
+    for wd in (0.0, 0.1):
+        model = gpt(0)
+        fit_llm(LLMTrainConfig(epochs=1, micro_batch_size=8, lr=1e-2, weight_decay=wd, monitor_every=0), model, train,
+                None, collate, tmp_path / str(wd), teacher=gpt(1, 3), progress=False)
+        runs[wd] = dict(model.named_parameters())
+    start = dict(gpt(0).named_parameters())
+    for n, w0 in start.items():
+        diff = (runs[0.1][n] - runs[0.0][n]).detach()
+        want = torch.zeros_like(w0) if any(k in n for k in NO_DECAY) else -1e-2 * 0.1 * w0.detach()
+        torch.testing.assert_close(diff, want, rtol=0, atol=1e-7, msg=n)
+
+
+# ------------------------------------------------------------------------------ PEFT LoRA students
+def tiny_llama_base(path, seed=0):
+    "A tiny random LLaMA saved to `path` and loaded back (the base a LoRA adapter's config points to)."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=40, max_position_embeddings=64, bos_token_id=0,
+                                 eos_token_id=0, pad_token_id=0)).save_pretrained(path)
+    return LlamaForCausalLM.from_pretrained(path)
+
+
+def lora(model, targets, seed=0):
+    "`model` with LoRA adapters on `targets` (their random init seeded: peft draws it from the global generator)."
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+
+
+def test_lora_llama_student_trains_resumes_and_loads(tmp_path):
+    train, corpus = varied_rows(16, 0), corpus_rows(8, 10, 1)
+    cfg = LLMTrainConfig(epochs=2, micro_batch_size=4, grad_accum=2, lr=5e-3, weight_decay=0.01, lm_weight=1.0,
+                         monitor_every=1)
+    base_dir = tmp_path / "base"
+    student = lora(tiny_llama_base(base_dir), ["q_proj", "v_proj"])
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    full = fit_llm(cfg, student, train, None, collate, tmp_path / "a", teacher=gpt(1, 3), progress=False, lm_set=corpus)
+    now = dict(student.named_parameters())
+    assert all(torch.equal(now[n], w) for n, w in frozen.items())                     # the base is not trained
+    assert all(not torch.equal(now[n], w) for n, w in trainable.items() if "lora_B" in n)
+    again = lora(tiny_llama_base(tmp_path / "base2"), ["q_proj", "v_proj"])
+    fit_llm(cfg, again, train, None, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False, lm_set=corpus,
+            stop_after=1)
+    again = lora(tiny_llama_base(tmp_path / "base2"), ["q_proj", "v_proj"])
+    resumed = fit_llm(cfg, again, train, None, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False,
+                      lm_set=corpus)
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in full["epochs"]]
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))
+    best = tmp_path / "a" / "best"
+    assert (best / "adapter_config.json").is_file() and not (best / "model.safetensors").exists()
+    merged = load_trained(best)
+    assert not hasattr(merged, "peft_config") and type(merged).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(3))
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, student(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_lora_head_with_the_fused_loss_trains_as_the_materialized(tmp_path):
+    train, val = varied_rows(16, 0), varied_rows(4, 1)
+    gpt(0).save_pretrained(tmp_path / "base")
+    run = dict(epochs=2, micro_batch_size=8, lr=3e-3, monitor_every=0)
+    out = {}
+    for fused in (False, True):
+        student = lora(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), ["c_attn", "lm_head"])
+        out[fused] = fit_llm(LLMTrainConfig(**run, fused_loss=fused), student, train, val, collate,
+                             tmp_path / str(fused), teacher=gpt(1, 3), progress=False)
+    gap = max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(out[False]["epochs"], out[True]["epochs"]))
+    assert gap < 1e-4
+    assert isinstance(load_trained(tmp_path / "True" / "best"), GPT2LMHeadModel)
+
+
+def test_load_trained_full_model_and_bad_folders(tmp_path):
+    model = gpt(0)
+    fit_llm(LLMTrainConfig(mode="sft", epochs=1, micro_batch_size=4), model, rows(4, 0), None, collate,
+            tmp_path / "sft", progress=False)
+    loaded = load_trained(tmp_path / "sft" / "best")
+    assert isinstance(loaded, GPT2LMHeadModel)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no model.*out_dir/best"):
+        load_trained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist.*out_dir/best"):
+        load_trained(tmp_path / "nowhere")
+
+
+def test_lora_student_built_in_memory_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="base model has no name or path.*from_pretrained"):
+        fit_llm(LLMTrainConfig(mode="sft", epochs=1, micro_batch_size=4), lora(gpt(0), ["c_attn"]), rows(4, 0),
+                None, collate, tmp_path, progress=False)
