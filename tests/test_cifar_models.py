@@ -117,3 +117,36 @@ def test_errors():
         M.ResNet(10)
     with pytest.raises(ValueError, match="6n\\+4"):
         M.WideResNet(20, 1)
+
+
+def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grayscale_stem_and_other_sizes(name):
+    "in_channels=1 changes only the stem (its weight loses 2 of 3 input channels); MIN_INPUT_SIZE to 32 pixels run."
+    torch.manual_seed(0)
+    gray, rgb = M.create_model(name, num_classes=7, in_channels=1).eval(), M.create_model(name, num_classes=7)
+    assert first_conv(gray).in_channels == 1 and first_conv(rgb).in_channels == 3
+    assert M.count_parameters(rgb) - M.count_parameters(gray) == first_conv(rgb).weight.numel() * 2 // 3
+    rgb_keys = {k: v.shape for k, v in rgb.state_dict().items()}
+    changed = [k for k, v in gray.state_dict().items() if rgb_keys[k] != v.shape]
+    assert changed == [next(k for k in rgb_keys if k.endswith("weight"))]
+    with torch.no_grad():
+        for size in (M.MIN_INPUT_SIZE, 28, M.INPUT_SIZE):
+            logits, feats = gray(torch.randn(2, 1, size, size), return_features=True)
+            assert logits.shape == (2, 7) and feats.shape == (2, FEATURE_DIM[name]) and torch.isfinite(logits).all()
+
+
+def test_vgg_refuses_inputs_below_the_minimum():
+    "Below MIN_INPUT_SIZE the third max-pool has nothing to pool (the reason for the constant)."
+    with pytest.raises(RuntimeError):
+        with torch.no_grad(): M.create_model("vgg8").eval()(torch.randn(1, 3, M.MIN_INPUT_SIZE // 2, M.MIN_INPUT_SIZE // 2))
+
+
+def test_in_channels_errors():
+    with pytest.raises(ValueError, match="in_channels must be at least 1"):
+        M.create_model("resnet8", in_channels=0)
+    with pytest.raises(TypeError, match="in_channels must be an integer"):
+        M.create_model("resnet8", in_channels=1.0)

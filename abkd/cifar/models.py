@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['VGG_CFGS', 'MBV2_STAGES', 'MODELS', 'MODEL_NAMES', 'CifarNet', 'global_pool', 'init_weights', 'conv3x3', 'conv1x1',
-           'conv1x1_bn', 'make_stage', 'BasicBlock', 'ResNet', 'Bottleneck', 'ResNetV2', 'WideBlock', 'WideStage',
-           'WideResNet', 'vgg_block', 'VGG', 'conv_bn_relu', 'InvertedResidual', 'MobileNetV2', 'channel_shuffle',
-           'ShuffleUnit', 'shuffle_stage', 'ShuffleNetV1', 'ShuffleV2Block', 'ShuffleV2Down', 'ShuffleNetV2',
-           'create_model', 'count_parameters']
+__all__ = ['VGG_CFGS', 'MBV2_STAGES', 'MODELS', 'MODEL_NAMES', 'INPUT_SIZE', 'MIN_INPUT_SIZE', 'CifarNet', 'global_pool',
+           'init_weights', 'conv3x3', 'conv1x1', 'conv1x1_bn', 'make_stage', 'BasicBlock', 'ResNet', 'Bottleneck',
+           'ResNetV2', 'WideBlock', 'WideStage', 'WideResNet', 'vgg_block', 'VGG', 'conv_bn_relu', 'InvertedResidual',
+           'MobileNetV2', 'channel_shuffle', 'ShuffleUnit', 'shuffle_stage', 'ShuffleNetV1', 'ShuffleV2Block',
+           'ShuffleV2Down', 'ShuffleNetV2', 'create_model', 'count_parameters']
 
 # %% ../../nbs/12_cifar_models.ipynb #42ba383b
 class CifarNet(nn.Module):
@@ -94,11 +94,11 @@ class ResNet(CifarNet):
     "CIFAR ResNet of depth 6n+2: 3×3 stem of widths[0], stages of widths[1:] at strides 1, 2, 2, global pooling, `fc`."
     head_name = "fc"
 
-    def __init__(self, depth: int, widths: tuple = (16, 16, 32, 64), num_classes: int = 100):
+    def __init__(self, depth: int, widths: tuple = (16, 16, 32, 64), num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6: raise ValueError(f"depth must be 6n+2 with n ≥ 1, got {depth}")
         n = (depth - 2) // 6
-        self.conv1, self.bn1 = conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0])
+        self.conv1, self.bn1 = conv3x3(in_channels, widths[0]), nn.BatchNorm2d(widths[0])
         self.layer1 = make_stage(BasicBlock, widths[0], widths[1], n, 1)
         self.layer2 = make_stage(BasicBlock, widths[1], widths[2], n, 2)
         self.layer3 = make_stage(BasicBlock, widths[2], widths[3], n, 2)
@@ -130,9 +130,9 @@ class ResNetV2(CifarNet):
     "ResNet-50-style net for 32×32: 3×3 stem, bottleneck stages of widths 64–512 (×4) at strides 1, 2, 2, 2, `linear`."
     head_name = "linear"
 
-    def __init__(self, num_blocks: tuple = (3, 4, 6, 3), num_classes: int = 100):
+    def __init__(self, num_blocks: tuple = (3, 4, 6, 3), num_classes: int = 100, in_channels: int = 3):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
+        self.conv1, self.bn1 = conv3x3(in_channels, 64), nn.BatchNorm2d(64)
         self.layer1 = make_stage(Bottleneck, 64, 64, num_blocks[0], 1)
         self.layer2 = make_stage(Bottleneck, 256, 128, num_blocks[1], 2)
         self.layer3 = make_stage(Bottleneck, 512, 256, num_blocks[2], 2)
@@ -172,11 +172,11 @@ class WideResNet(CifarNet):
     "WRN-depth-k (depth 6n+4): 3×3 stem of 16, stages of widths 16k, 32k, 64k at strides 1, 2, 2, BN-ReLU, `fc`."
     head_name = "fc"
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int = 100):
+    def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         if depth < 10 or (depth - 4) % 6: raise ValueError(f"depth must be 6n+4 with n ≥ 1, got {depth}")
         n, w = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.conv1 = conv3x3(3, w[0])
+        self.conv1 = conv3x3(in_channels, w[0])
         self.block1 = WideStage(w[0], w[1], n, 1)
         self.block2 = WideStage(w[1], w[2], n, 2)
         self.block3 = WideStage(w[2], w[3], n, 2)
@@ -209,10 +209,10 @@ class VGG(CifarNet):
     "VGG-BN for CIFAR: blocks `block0`–`block4` of `cfg`, max-pool after the first three, global pooling, `classifier`."
     head_name = "classifier"
 
-    def __init__(self, cfg: tuple, num_classes: int = 100):
+    def __init__(self, cfg: tuple, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         if len(cfg) != 5: raise ValueError(f"a VGG configuration has 5 blocks, got {len(cfg)}")
-        for i, widths in enumerate(cfg): setattr(self, f"block{i}", vgg_block(cfg[i - 1][-1] if i else 3, widths))
+        for i, widths in enumerate(cfg): setattr(self, f"block{i}", vgg_block(cfg[i - 1][-1] if i else in_channels, widths))
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
         init_weights(self, linear="normal")
 
@@ -246,10 +246,10 @@ class MobileNetV2(CifarNet):
     "CIFAR MobileNetV2 (expansion T, width multiplier): stride-2 stem, `blocks` of `MBV2_STAGES`, 1×1 conv to 1280, `classifier`."
     head_name = "classifier"
 
-    def __init__(self, T: int = 6, width_mult: float = 0.5, num_classes: int = 100):
+    def __init__(self, T: int = 6, width_mult: float = 0.5, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         cin = int(32 * width_mult)
-        self.conv1 = conv_bn_relu(3, cin, 3, 2)
+        self.conv1 = conv_bn_relu(in_channels, cin, 3, 2)
         self.blocks = nn.ModuleList()
         for i, (c, n, stride) in enumerate(MBV2_STAGES):
             cout, t = int(c * width_mult), 1 if i == 0 else T
@@ -296,9 +296,9 @@ class ShuffleNetV1(CifarNet):
     head_name = "linear"
 
     def __init__(self, out_planes: tuple = (240, 480, 960), num_blocks: tuple = (4, 8, 4), groups: int = 3,
-                 num_classes: int = 100):
+                 num_classes: int = 100, in_channels: int = 3):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv1x1(in_channels, 24), nn.BatchNorm2d(24)
         self.layer1 = shuffle_stage(24, out_planes[0], num_blocks[0], groups, 1)
         self.layer2 = shuffle_stage(out_planes[0], out_planes[1], num_blocks[1], groups, groups)
         self.layer3 = shuffle_stage(out_planes[1], out_planes[2], num_blocks[2], groups, groups)
@@ -343,9 +343,10 @@ class ShuffleNetV2(CifarNet):
     "CIFAR ShuffleNet V2: 1×1 stem of 24, stages (down unit + basic units), 1×1 conv to widths[3], global pooling, `linear`."
     head_name = "linear"
 
-    def __init__(self, widths: tuple = (116, 232, 464, 1024), num_blocks: tuple = (3, 7, 3), num_classes: int = 100):
+    def __init__(self, widths: tuple = (116, 232, 464, 1024), num_blocks: tuple = (3, 7, 3), num_classes: int = 100,
+                 in_channels: int = 3):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv1x1(in_channels, 24), nn.BatchNorm2d(24)
         cin = 24
         for i, (w, n) in enumerate(zip(widths[:3], num_blocks), 1):
             setattr(self, f"layer{i}", nn.Sequential(ShuffleV2Down(cin, w), *[ShuffleV2Block(w) for _ in range(n)]))
@@ -372,14 +373,23 @@ MODELS: dict[str, Callable[..., CifarNet]] = {
 }
 MODEL_NAMES = tuple(MODELS)
 
-def create_model(name: str, num_classes: int = 100) -> CifarNet:
-    "A freshly initialized zoo model by its RepDistiller name (one of `MODEL_NAMES`) with a `num_classes`-way head."
+INPUT_SIZE = 32      # the CIFAR images the zoo was designed for (H = W); global pooling lets other sizes run
+MIN_INPUT_SIZE = 8   # the smallest H = W every model takes (VGG's three 2×2 max-pools)
+
+def _count(value, name: str, least: int) -> int:
+    "`value` as an int ≥ `least`, or a TypeError/ValueError naming `name`."
+    if isinstance(value, bool): raise TypeError(f"{name} must be an integer, got a bool")
+    try: value = operator.index(value)
+    except TypeError: raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if value < least: raise ValueError(f"{name} must be at least {least}, got {value}")
+    return value
+
+def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> CifarNet:
+    """A freshly initialized zoo model by its RepDistiller name (one of `MODEL_NAMES`) with a `num_classes`-way head
+    and a stem that reads `in_channels`-channel images (3: RGB, the reference models; 1: grayscale)."""
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    if isinstance(num_classes, bool): raise TypeError("num_classes must be an integer, got a bool")
-    try: num_classes = operator.index(num_classes)
-    except TypeError: raise TypeError(f"num_classes must be an integer, got {type(num_classes).__name__}") from None
-    if num_classes < 1: raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return MODELS[name](num_classes=num_classes)
+    num_classes, in_channels = _count(num_classes, "num_classes", 1), _count(in_channels, "in_channels", 1)
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 def count_parameters(model: nn.Module) -> int:
     "Number of parameters (trainable or not)."
