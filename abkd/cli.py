@@ -4,7 +4,7 @@
 
 # %% ../nbs/29_cli.ipynb #0c6f9d14
 from __future__ import annotations
-import argparse, os, shlex, sys, tempfile
+import argparse, os, shlex, sys, tempfile, textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,9 +17,9 @@ from .results import SCALES
 from .training import CHECKPOINT, DataNotFoundError
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'Experiment', 'build_parser',
-           'run_experiment', 'main', 'OutputDirError', 'check_output_dir', 'last_checkpoint', 'interrupted_message',
-           'report_error']
+__all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'Experiment', 'images_module',
+           'add_distill_parser', 'run_distill_images', 'build_parser', 'run_experiment', 'main', 'OutputDirError',
+           'check_output_dir', 'last_checkpoint', 'interrupted_message', 'report_error']
 
 # %% ../nbs/29_cli.ipynb #0b1b1f1e
 def theory_module() -> ModuleType:
@@ -57,6 +57,114 @@ EXPERIMENTS = {e.name: e for e in [
                "sets over five seeds (smoke: synthetic tasks, tiny GPT-2s; paper: GPT-2 XL -> GPT-2 on Dolly)"),
 ]}
 
+# %% ../nbs/29_cli.ipynb #bbac441a
+def images_module() -> ModuleType:
+    from abkd import images                # torchvision (the [experiments] extra): imported when the command runs
+    return images
+
+def _seeds(text: str) -> tuple[int, ...]:
+    "--seeds: distinct non-negative integers separated by commas."
+    try: seeds = tuple(int(x) for x in text.split(","))
+    except ValueError: seeds = ()
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds takes distinct non-negative integers separated by commas, e.g. "
+                                         f"0,1,2; got {text!r}")
+    return seeds
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+def _ab_grid(text: str) -> tuple[tuple[float, float], ...]:
+    "--ab-grid: alpha:beta points separated by commas."
+    try: points = tuple(tuple(float(v) for v in p.split(":")) for p in text.split(","))
+    except ValueError: points = ()
+    if not points or any(len(p) != 2 for p in points):
+        raise argparse.ArgumentTypeError(f"--ab-grid takes alpha:beta points separated by commas, e.g. "
+                                         f"0.8:0.3,0.5:0.5,1:0; got {text!r}")
+    return points
+
+def _setting(text: str) -> tuple[str, str]:
+    pair = _names(text)
+    if len(pair) != 2: raise argparse.ArgumentTypeError(f"--setting takes TEACHER,STUDENT, e.g. resnet56,resnet20; got {text!r}")
+    return pair
+
+def add_distill_parser(sub) -> None:
+    "The `distill images` subcommand (its options are the fields of abkd.images.DistillRun)."
+    from abkd.cifar.models import MODEL_NAMES
+    from abkd.cifar.recipes import ALL_METHODS
+    dist = sub.add_parser("distill", help="distill a teacher into a student on your own data",
+                          description="Distill a teacher into a student on your own data.")
+    kinds = dist.add_subparsers(dest="kind", required=True, metavar="DATA")
+    p = kinds.add_parser(
+        "images", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="an image folder (torchvision ImageFolder layout): teacher, students per method and seed, table, figure",
+        description=textwrap.fill(
+            "Train (or load) a teacher and distill it into a student with each method and seed on an image folder "
+            "DIR/train/<class>/<image>, DIR/test/<class>/<image> (optional DIR/val/; otherwise a stratified share of "
+            "train/ is held out). Non-image files are ignored and counted. Each method uses its CIFAR recipe (loss, "
+            "weights, T, α, β); the best epoch and a grid's (α, β) are chosen on validation. Writes OUT/setup.json, "
+            "a JSON record per run, OUT/table.md and OUT/accuracy.png; the same command resumes an interrupted run "
+            "and skips finished ones.", 100),
+        epilog=textwrap.fill(f"architectures: {', '.join(MODEL_NAMES)}", 100) + "\n"
+               + textwrap.fill(f"methods: ce (the student alone), {', '.join(ALL_METHODS)}", 100) + "\n\n"
+               "example: abkd distill images --data fmnist --teacher resnet56 --student resnet20 \\\n"
+               "           --methods kd,abkd,dkd --epochs 20 --teacher-epochs 20 --seeds 0,1,2 \\\n"
+               "           --ab-grid 0.8:0.3,0.5:0.5 --out runs/fmnist")
+    p.add_argument("--data", type=Path, required=True, help="the image folder (train/, test/, optional val/)")
+    p.add_argument("--teacher", required=True, metavar="ARCH", help="teacher architecture (a CIFAR zoo name)")
+    p.add_argument("--student", required=True, metavar="ARCH", help="student architecture (a CIFAR zoo name)")
+    p.add_argument("--methods", type=_names, default=("kd", "abkd"), help="comma-separated methods (default: kd,abkd)")
+    p.add_argument("--epochs", type=int, default=240, help="student epochs (default: the paper's 240)")
+    p.add_argument("--teacher-epochs", type=int, default=240, help="teacher epochs (default: 240)")
+    p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated student seeds (default: 0)")
+    p.add_argument("--out", type=Path, default=Path("abkd-distill"), help="output folder (default: ./abkd-distill)")
+    p.add_argument("--alpha", type=float, help="α of every AB method (with --beta; default: the recipe's)")
+    p.add_argument("--beta", type=float, help="β of every AB method (with --alpha)")
+    p.add_argument("--ab-grid", type=_ab_grid, metavar="A:B,...",
+                   help="(α, β) points; each AB method takes the one of best validation accuracy (first seed)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's 64)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default: the recipe's, 0.05; 0.01 for "
+                                            "MobileNetV2/ShuffleNets)")
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default: 32, "
+                                                              "the zoo's input)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="1 (grayscale) or 3 (RGB); default: 1 if every "
+                                                                "image is single-band, else 3")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ held out for validation when "
+                                                                   "there is no val/ (default: 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default: 0)")
+    p.add_argument("--augment", choices=("crop-flip", "crop", "none"), default="crop-flip",
+                   help="training augmentation (default: crop-flip, the CIFAR recipe's; crop: no mirror images)")
+    p.add_argument("--teacher-checkpoint", type=Path, metavar="PATH", help="load the teacher's weights instead of "
+                                                                           "training it")
+    p.add_argument("--setting", type=_setting, metavar="TEACHER,STUDENT", help="the paper pair whose presets apply "
+                   "(default: the pair itself, else one sharing the student, else the teacher, else resnet56,resnet20)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default: 0)")
+
+def run_distill_images(args, argv: list[str]) -> int:
+    "`abkd distill images`: 0 done, 2 refused input, 130 interrupted."
+    if (args.alpha is None) != (args.beta is None):
+        return report_error("--alpha and --beta go together: give both (e.g. --alpha 0.8 --beta 0.3) or neither")
+    images = images_module()
+    try:
+        run = images.DistillRun(
+            data=args.data, teacher=args.teacher, student=args.student, methods=args.methods, epochs=args.epochs,
+            teacher_epochs=args.teacher_epochs, seeds=args.seeds,
+            alpha_beta=None if args.alpha is None else (args.alpha, args.beta), ab_grid=args.ab_grid,
+            batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, channels=args.channels,
+            val_fraction=args.val_fraction, split_seed=args.split_seed, augment=args.augment,
+            teacher_checkpoint=None if args.teacher_checkpoint is None else str(args.teacher_checkpoint),
+            setting=args.setting)
+        result = images.distill_images(run, args.out, device=args.device, num_workers=args.num_workers)
+    except (images.ImageRunError, DataNotFoundError) as e: return report_error(f"distill images: {e}")
+    except KeyboardInterrupt:
+        print(interrupted_message("distill images", args.out, argv, folder=args.out), file=sys.stderr)
+        return 130
+    print(f"distill images ({result['seconds']:.0f} s): {len(result['students'])} student runs, teacher "
+          f"{result['teacher']['metrics']['best_test_acc']:.2f} % test")
+    for p in (result["out"] / "setup.json", result["table"], result["figure"]): print(f"  {p}")
+    return 0
+
 # %% ../nbs/29_cli.ipynb #e5ed0007
 def _parse_only(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
@@ -72,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="abkd", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Knowledge distillation with the α-β divergence (ABKD): reproduce the project's results.",
-        epilog=f"experiments:\n{experiments}\n\nexample: abkd reproduce --only theory --out runs/theory")
+        epilog=f"experiments:\n{experiments}\n\nexamples: abkd reproduce --only theory --out runs/theory\n"
+               "          abkd distill images --data DIR --teacher resnet56 --student resnet20 --out runs/mine")
     parser.add_argument("--version", action="version", version=f"abkd {abkd.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     rep = sub.add_parser("reproduce", help="run experiments and write records, tables and figures",
@@ -84,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--scale", choices=SCALES, default="smoke",
                      help="smoke: CPU, minutes, data built by the package (default); paper: the published protocol")
     rep.add_argument("--out", type=Path, default=Path("abkd-results"), help="output folder (default: ./abkd-results)")
+    add_distill_parser(sub)
     return parser
 
 def run_experiment(name: str, scale: str, out: Path) -> list[Path]:
@@ -94,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `abkd` console script: 0 done, 2 bad arguments or a missing input, 130 interrupted."
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "distill": return run_distill_images(args, argv)
     try: check_output_dir(args.out)
     except OutputDirError as e: return report_error(e)
     written, name = {}, None
@@ -137,9 +248,9 @@ def last_checkpoint(folder: Path) -> Optional[Path]:
     found = [p for p in Path(folder).rglob(CHECKPOINT) if p.is_file()] if Path(folder).is_dir() else []
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
-def interrupted_message(name: str, out: Path, argv: list[str]) -> str:
-    "The one line printed on Ctrl-C: what is kept (the last checkpoint) and the command that resumes."
-    folder, again = Path(out) / name, "abkd " + shlex.join(argv)
+def interrupted_message(name: str, out: Path, argv: list[str], folder: Optional[Path] = None) -> str:
+    "The one line printed on Ctrl-C: what is kept (the last checkpoint under `folder`, default OUT/name) and the command that resumes."
+    folder, again = Path(folder) if folder is not None else Path(out) / name, "abkd " + shlex.join(argv)
     ckpt = last_checkpoint(folder)
     if ckpt is None:
         return (f"abkd: interrupted during {name}; no checkpoint yet (files written so far are in {folder}); to start "

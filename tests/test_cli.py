@@ -240,3 +240,40 @@ def test_console_script_help_lists_experiments_and_a_bad_out_exits_2(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
         f"abkd: error: --out {tmp_path / 'afile'}: cannot write there ({tmp_path / 'afile'} is a file, not a folder)"]
+
+
+# --- abkd distill images (its data checks, runs and resume: tests/test_images.py) ---
+
+def test_distill_images_is_listed_and_its_help_lists_architectures_and_methods(capsys):
+    from abkd.cifar.models import MODEL_NAMES
+    from abkd.cifar.recipes import ALL_METHODS
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "distill" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "images", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert all(name in text for name in MODEL_NAMES) and all(m in text for m in ALL_METHODS)
+    for option in ("--data", "--teacher", "--student", "--methods", "--epochs", "--teacher-epochs", "--seeds", "--out",
+                   "--alpha", "--beta", "--ab-grid", "--batch-size", "--lr", "--image-size", "--teacher-checkpoint"):
+        assert option in text, option
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill"], "required"),
+    (["distill", "videos"], "invalid choice"),
+    (["distill", "images", "--teacher", "resnet8", "--student", "resnet8"], "--data"),
+])
+def test_distill_bad_arguments_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--out", str(tmp_path / "x")] if argv[-1] != "distill" else argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_message_names_the_given_folder(tmp_path):
+    from abkd.cli import interrupted_message
+    Checkpoint(tmp_path / "run" / "a", RunConfig()).save(epoch=1)
+    line = interrupted_message("distill images", tmp_path / "run", ["distill", "images"], folder=tmp_path / "run")
+    assert str(tmp_path / "run" / "a" / CHECKPOINT) in line and line.endswith("abkd distill images")
