@@ -13,30 +13,41 @@ import torch
 from tqdm import tqdm
 
 from .core import ab_divergence
-from .divergence import named_points_table, plot_ab_plane
+from .divergence import NAMED_POINTS, named_points_table, plot_ab_plane
 from .mass_concentration import (check_ab_concentration, check_fkl_error_alone, check_rkl_confidence_order,
                                      concentration_grid, first_order_error, plot_concentration_factors,
                                      plot_concentration_grid, plot_equal_error_pairs, plot_first_order_error,
                                      plot_mass_reallocation, structured_example)
-from .results import by_scale, load_record, markdown_table, save_figure, save_record, write_markdown
+from .results import (aggregate, by_scale, load_record, markdown_table, paper_settings, save_figure,
+                          save_record, write_markdown)
 
 # %% auto #0
-__all__ = ['SEED', 'SMOKE', 'PAPER', 'CONTROLLED_COLUMNS', 'save_closed_figure', 'write_record_table', 'write_named_points_table',
-           'write_named_points', 'write_first_order_error', 'claims_table', 'write_claims', 'write_mass_figures',
-           'ControlledTask', 'student_model', 'evaluate_student', 'train_student', 'controlled_experiment',
-           'composite_score', 'best_point', 'plot_controlled', 'run_controlled', 'write_controlled', 'reproduce']
+__all__ = ['SEED', 'CONTROLS', 'SMOKE', 'PAPER', 'PAPER_CHOICES', 'INIT_SEED_OFFSET', 'METRICS', 'CONTROLLED_COLUMNS',
+           'cartesian', 'save_closed_figure', 'write_record_table', 'write_named_points_table', 'paper_choices',
+           'plot_ab_plane_with_paper_choices', 'write_named_points', 'write_first_order_error', 'claims_table',
+           'write_claims', 'write_mass_figures', 'ControlledTask', 'student_model', 'StudentBatch', 'evaluate_logits',
+           'evaluate_student', 'teacher_target_prob', 'train_students', 'train_student', 'grid_points',
+           'controlled_experiment', 'composite_score', 't_cdf', 't_quantile', 'paired_interval', 'verdict',
+           'split_draws', 'select_and_report', 'plot_controlled', 'point_label', 'controlled_table',
+           'controlled_markdown', 'run_controlled', 'write_controlled', 'reproduce']
 
 # %% ../nbs/11_theory.ipynb #8eb407f2
 SEED = 0
+CONTROLS = {"forward KL": (1.0, 0.0), "reverse KL": (0.0, 1.0)}         # in every grid of the controlled experiment
 
-SMOKE = dict(named_points=dict(positions=16, vocab=1000), claim_draws=500, controlled=dict(steps=150, grids={
-    100: dict(alphas=(0.0, 0.2, 0.5, 0.8, 1.0), betas=(0.0, 0.2, 0.5, 0.7, 1.0), contexts=128),
-    10_000: dict(alphas=(0.0, 0.2, 0.5, 0.8, 1.0), betas=(0.2, 0.5, 0.7), contexts=32)}))
-PAPER = dict(named_points=dict(positions=256, vocab=50_257), claim_draws=5000, controlled=dict(steps=600, grids={
-    100: dict(alphas=(0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0), betas=(0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0),
-              contexts=256),
-    50_257: dict(alphas=(0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0), betas=(0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0),
-                 contexts=256)}))
+def cartesian(alphas: Sequence[float], betas: Sequence[float]) -> tuple:
+    "The grid α × β as (α, β) points, α-major."
+    return tuple((float(a), float(b)) for a in alphas for b in betas)
+
+SMOKE = dict(named_points=dict(positions=16, vocab=1000), claim_draws=500, controlled=dict(lr=0.05, grids={
+    100: dict(points=cartesian((0.0, 0.2, 0.5, 0.8, 1.0), (0.0, 0.2, 0.5, 0.7, 1.0)), contexts=128, hidden=8,
+              steps=150, selection_draws=2, report_draws=3),
+    10_000: dict(points=((1.0, 0.0), (0.0, 1.0), (0.2, 0.7), (0.5, 0.5), (0.8, 0.2), (0.5, 0.7), (0.8, 0.5)),
+                 contexts=16, hidden=4, steps=100, selection_draws=2, report_draws=3)}))
+_PAPER_AXES = ((0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0), (0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0))
+PAPER = dict(named_points=dict(positions=256, vocab=50_257), claim_draws=5000, controlled=dict(lr=0.05, grids={
+    V: dict(points=cartesian(*_PAPER_AXES), contexts=256, hidden=8, steps=600, selection_draws=3, report_draws=5)
+    for V in (100, 50_257)}))
 
 # %% ../nbs/11_theory.ipynb #83a3de69
 def save_closed_figure(fig, path: Path) -> Path:
@@ -69,6 +80,28 @@ def write_named_points_table(record_path: Path, table_path: Path) -> Path:
                           f"V = {cfg['vocab']}, {cfg['dtype']}, seed {rec['seed']}); from `{Path(record_path).name}`.",
                           markdown_table(["point", "(α, β)", "ab_divergence", "closed form", "relative gap"], body))
 
+PAPER_CHOICES = {  # table -> (legend text, marker, colour)
+    4: ("paper Table 4: ABKD, CIFAR-100 (100 classes), 8 pairs", "s", "tab:orange"),
+    6: ("paper Table 6: base-to-new CLIP, 11 datasets", "^", "tab:purple"),
+    7: ("paper Table 7: instruction following, V = 50,257", "*", "tab:red")}
+
+def paper_choices(table: int) -> list[tuple[float, float]]:
+    "The distinct (α, β) the paper chose in `table` (Table 4: the ABKD column only), in the paper's order."
+    settings = paper_settings(table)
+    keep = [ab for keys, ab in settings.items() if table != 4 or keys[-1] == "ABKD"]
+    return list(dict.fromkeys(keep))
+
+def plot_ab_plane_with_paper_choices():
+    "`plot_ab_plane` with the paper's chosen (α, β) of Tables 4, 6 and 7 on top, one legend entry per table."
+    fig = plot_ab_plane()
+    ax = fig.axes[0]
+    for table, (label, marker, colour) in PAPER_CHOICES.items():
+        pts = paper_choices(table)
+        ax.plot([a for a, _ in pts], [b for _, b in pts], marker=marker, ms=11 if marker == "*" else 6, color=colour,
+                mec="k", mew=0.5, ls="none", label=label, zorder=3)
+    ax.legend(loc="lower left", fontsize=6.5)
+    return fig
+
 def write_named_points(out: Path, preset: dict, scale: str, seed: int = SEED) -> list[Path]:
     "Named points (ours vs closed form) on random logits as a record and its table, and the (α, β) plane figure."
     n, v = preset["named_points"]["positions"], preset["named_points"]["vocab"]
@@ -81,7 +114,7 @@ def write_named_points(out: Path, preset: dict, scale: str, seed: int = SEED) ->
                 metrics={r["name"]: {k: r[k] for k in ("alpha", "beta", "ab_divergence", "closed_form", "rel_gap")}
                          for r in named_points_table(s, t, ab_divergence)})
     return [record, write_named_points_table(record, Path(out) / "named_points.md"),
-            save_closed_figure(plot_ab_plane(), Path(out) / "ab_plane.png")]
+            save_closed_figure(plot_ab_plane_with_paper_choices(), Path(out) / "ab_plane.png")]
 
 # %% ../nbs/11_theory.ipynb #8fac7305
 def write_first_order_error(out: Path, scale: str, seed: int = SEED) -> list[Path]:
@@ -138,6 +171,8 @@ def write_mass_figures(out: Path) -> list[Path]:
                                Path(out) / "concentration_heatmaps.png")]
 
 # %% ../nbs/11_theory.ipynb #d61a3c1d
+INIT_SEED_OFFSET = 1_000_000                 # draw d initialises its student from seed 10^6 + d
+
 @dataclass
 class ControlledTask:
     "The synthetic teacher: n contexts over V outputs, each with a target, m neighbour modes and a low-rank tail."
@@ -167,10 +202,24 @@ def student_model(task: ControlledTask, hidden: int = 8, seed: int = 0) -> torch
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Embedding(task.contexts, hidden), torch.nn.Linear(hidden, task.vocab))
 
-def evaluate_student(model: torch.nn.Module, task: ControlledTask) -> dict:
-    "Target probability, top-1 agreement, secondary-mode recall and entropy gap, averaged over the contexts."
+class StudentBatch(torch.nn.Module):
+    "k independent bottleneck students in one module, student j initialised as `student_model(tasks[j], hidden, seeds[j])`."
+    def __init__(self, tasks: Sequence[ControlledTask], hidden: int, seeds: Sequence[int]):
+        super().__init__()
+        if len({(t.contexts, t.vocab) for t in tasks}) != 1:
+            raise ValueError("tasks must share contexts and vocab to train in one batch")
+        models = [student_model(t, hidden, s) for t, s in zip(tasks, seeds)]
+        stack = lambda get: torch.nn.Parameter(torch.stack([get(m).detach() for m in models]))
+        self.embed, self.weight = stack(lambda m: m[0].weight), stack(lambda m: m[1].weight)   # [k, n, h], [k, V, h]
+        self.bias = stack(lambda m: m[1].bias)                                                   # [k, V]
+    def forward(self) -> torch.Tensor:
+        "Logits [k, n, V]: student j's embedding of every context through its own output layer."
+        return torch.baddbmm(self.bias[:, None, :], self.embed, self.weight.transpose(1, 2))
+
+def evaluate_logits(student_logits: torch.Tensor, task: ControlledTask) -> dict:
+    "Target probability, top-1 agreement, secondary-mode recall and entropy gap (definitions above), mean over contexts."
     with torch.no_grad():
-        lq = torch.log_softmax(model(torch.arange(task.contexts)), -1)
+        lq = torch.log_softmax(student_logits, -1)
         lp = torch.log_softmax(task.teacher_logits, -1)
     q, p = lq.exp(), lp.exp()
     top = task.modes + 1
@@ -181,74 +230,219 @@ def evaluate_student(model: torch.nn.Module, task: ControlledTask) -> dict:
                 mode_recall=recall,
                 entropy_gap=(-(q * lq).sum(-1) + (p * lp).sum(-1)).mean().item())
 
+def evaluate_student(model: torch.nn.Module, task: ControlledTask) -> dict:
+    "`evaluate_logits` of a single student on every context of `task`."
+    with torch.no_grad(): return evaluate_logits(model(torch.arange(task.contexts)), task)
+
+def teacher_target_prob(task: ControlledTask) -> float:
+    "The teacher's own mean probability on its target, (1/n) Σ_i p_i(y_i): the reference for `target_prob`."
+    return torch.softmax(task.teacher_logits, -1).gather(1, task.targets[:, None]).mean().item()
+
+def train_students(tasks: Sequence[ControlledTask], alpha: float, beta: float, steps: int = 100, lr: float = 0.05,
+                   hidden: int = 8, seeds: Sequence[int] = (0,)) -> list[dict]:
+    "Distil each task's teacher into its own fresh student with AB(α, β), full batch, all in one batch; metrics per task."
+    model = StudentBatch(tasks, hidden, seeds)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    teachers = torch.stack([t.teacher_logits for t in tasks])                 # [k, n, V]
+    for _ in range(steps):
+        loss = len(tasks) * ab_divergence(model(), teachers, alpha, beta)     # Σ_j (mean over task j's contexts)
+        opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad(): logits = model()
+    return [evaluate_logits(logits[j], t) for j, t in enumerate(tasks)]
+
 def train_student(task: ControlledTask, alpha: float, beta: float, steps: int = 100, lr: float = 0.05,
                   hidden: int = 8, seed: int = 0) -> dict:
     "Distil the task's teacher into a fresh bottleneck student with AB(α, β), full batch; return the metrics."
-    model = student_model(task, hidden, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    contexts = torch.arange(task.contexts)
-    for _ in range(steps):
-        loss = ab_divergence(model(contexts), task.teacher_logits, alpha, beta)
-        opt.zero_grad(); loss.backward(); opt.step()
-    return evaluate_student(model, task)
+    return train_students([task], alpha, beta, steps, lr, hidden, [seed])[0]
 
-def controlled_experiment(vocab: int, alphas: Sequence[float], betas: Sequence[float], steps: int = 100,
-                          seed: int = 0, contexts: int = 128, progress: bool = False) -> list[dict]:
-    "Train one student per (α, β) on the same task and initialisation; one row of metrics per point."
-    task = ControlledTask(vocab=vocab, contexts=contexts, seed=seed)
-    points = [(a, b) for a in alphas for b in betas]
+def grid_points(points: Sequence[tuple]) -> list[tuple[float, float]]:
+    "The grid's (α, β) points, then forward KL (1, 0) and reverse KL (0, 1) when missing; no repeats."
+    return list(dict.fromkeys([tuple(map(float, p)) for p in points] + list(CONTROLS.values())))
+
+def controlled_experiment(vocab: int, points: Sequence[tuple], draws: Sequence[int], steps: int = 100,
+                          contexts: int = 128, hidden: int = 8, lr: float = 0.05, progress: bool = False) -> list[dict]:
+    "One student per (α, β) point (FKL and RKL always included) and draw; one row of metrics per (point, draw)."
+    tasks = [ControlledTask(vocab=vocab, contexts=contexts, seed=d) for d in draws]
+    seeds = [INIT_SEED_OFFSET + d for d in draws]
     rows = []
-    for a, b in tqdm(points, desc=f"controlled V={vocab}", disable=not progress, leave=False):
-        rows.append(dict(vocab=vocab, alpha=a, beta=b, **train_student(task, a, b, steps=steps, seed=seed)))
+    for a, b in tqdm(grid_points(points), desc=f"controlled V={vocab}", disable=not progress, leave=False):
+        for d, m in zip(draws, train_students(tasks, a, b, steps, lr, hidden, seeds)):
+            rows.append(dict(vocab=vocab, alpha=a, beta=b, draw=d, **m))
     return rows
 
 # %% ../nbs/11_theory.ipynb #8ca77f48
+METRICS = ("top1_agreement", "mode_recall", "target_prob", "entropy_gap")   # per draw, from `evaluate_logits`
+
 def composite_score(row: dict) -> float:
     "Geometric mean of top-1 agreement and secondary-mode recall: commit to the target and keep the dark knowledge."
     return math.sqrt(row["top1_agreement"] * row["mode_recall"])
 
-def best_point(rows: list[dict], key=composite_score) -> dict:
-    "The row with the highest `key` (ties: the first)."
-    return max(rows, key=key)
+def t_cdf(x: float, df: int) -> float:
+    "Student-t distribution function, integer df ≥ 1: ½(1 + A), A the finite series in cos²θ, θ = atan(x/√df) (A&S 26.7.3–4)."
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1: raise ValueError(f"df must be an integer ≥ 1, got {df!r}")
+    th = math.atan(x / math.sqrt(df)); c2 = math.cos(th) ** 2
+    acc, term = 0.0, 1.0
+    if df % 2:                                    # odd: A = (2/π)(θ + sinθ cosθ Σ_{k<(df-1)/2} Π 2j/(2j+1) c2^k)
+        for k in range(1, (df - 1) // 2 + 1): acc += term; term *= c2 * (2 * k) / (2 * k + 1)
+        a = 2 / math.pi * (th + math.sin(th) * math.cos(th) * acc)
+    else:                                         # even: A = sinθ Σ_{k<df/2} Π (2j-1)/(2j) c2^k
+        for k in range(1, df // 2 + 1): acc += term; term *= c2 * (2 * k - 1) / (2 * k)
+        a = math.sin(th) * acc
+    return 0.5 * (1 + a)
 
-def plot_controlled(rows: list[dict], metrics=("target_prob", "top1_agreement", "mode_recall", "entropy_gap")):
-    "Heatmaps of the controlled experiment's metrics over (α, β), best composite point starred."
+def t_quantile(p: float, df: int) -> float:
+    "The p-quantile (½ < p < 1) of Student's t with `df` degrees of freedom, by bisection on `t_cdf`."
+    if not 0.5 < p < 1: raise ValueError(f"p must lie in (0.5, 1), got {p!r}")
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p: hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> dict:
+    "Mean of paired differences and the half width t_{(1+level)/2, n−1} · s/√n of its interval (n ≥ 2)."
+    a = aggregate(list(differences))
+    if a["n"] < 2: raise ValueError(f"a paired interval needs at least 2 differences, got {a['n']}")
+    return dict(mean=a["mean"], half_width=t_quantile((1 + level) / 2, a["n"] - 1) * a["std"] / math.sqrt(a["n"]), n=a["n"])
+
+def verdict(delta: dict) -> str:
+    "'tie' when the interval of selected − point contains 0, else 'below' (the point is worse) or 'above' (better)."
+    if abs(delta["mean"]) <= delta["half_width"]: return "tie"
+    return "below" if delta["mean"] > 0 else "above"
+
+def split_draws(seed: int, selection: int, report: int) -> dict:
+    "Disjoint draw seeds: `selection` of them from `seed` on, then `report` more (each split needs ≥ 2)."
+    for name, k in (("selection_draws", selection), ("report_draws", report)):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"{name} must be an integer ≥ 2 (a split needs a spread), got {k!r}")
+    return dict(selection=list(range(seed, seed + selection)), report=list(range(seed + selection, seed + selection + report)))
+
+def select_and_report(rows: list[dict], draws: dict) -> list[dict]:
+    "Per point: selection score on the selection draws, report-draw aggregates, paired Δ composite vs the selected point."
+    if set(draws["selection"]) & set(draws["report"]): raise ValueError(f"selection and report draws overlap: {draws}")
+    points = list(dict.fromkeys((r["alpha"], r["beta"]) for r in rows))
+    by = {(r["alpha"], r["beta"], r["draw"]): r for r in rows}
+    score = {p: aggregate([composite_score(by[(*p, d)]) for d in draws["selection"]])["mean"] for p in points}
+    chosen = max(points, key=lambda p: score[p])                              # first in grid order on exact ties
+    out = []
+    for p in points:
+        rep = [by[(*p, d)] for d in draws["report"]]
+        report = {k: aggregate([r[k] for r in rep]) for k in METRICS}
+        report["composite"] = aggregate([composite_score(r) for r in rep])
+        delta = paired_interval([composite_score(by[(*chosen, d)]) - composite_score(by[(*p, d)]) for d in draws["report"]])
+        out.append(dict(alpha=p[0], beta=p[1], selected=int(p == chosen), selection_composite=score[p], report=report,
+                        delta_composite=delta, draws={str(d): {k: by[(*p, d)][k] for k in METRICS} for d in
+                                                     draws["selection"] + draws["report"]}))
+    return out
+
+# %% ../nbs/11_theory.ipynb #d5991540
+def plot_controlled(rec: dict, vocab: int, metrics=("composite", "top1_agreement", "mode_recall", "target_prob", "entropy_gap")):
+    "The report-draw means of one vocabulary size on the (α, β) plane; ★ the selected point, ○ its ties."
     import matplotlib.pyplot as plt
-    alphas = sorted({r["alpha"] for r in rows}); betas = sorted({r["beta"] for r in rows})
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
-    best = best_point(rows)
-    for ax, m in zip(axes, metrics):
-        Z = torch.tensor([[next(r[m] for r in rows if r["alpha"] == a and r["beta"] == b) for a in alphas] for b in betas])
-        im = ax.imshow(Z, origin="lower", cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas]); ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
-        ax.plot(alphas.index(best["alpha"]), betas.index(best["beta"]), "r*", ms=12)
-        ax.set(xlabel="α", ylabel="β", title=m); fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"V = {rows[0]['vocab']}: ★ best composite (α, β) = ({best['alpha']:g}, {best['beta']:g})", fontsize=9)
+    cells = [m for m in rec["metrics"].values() if m["vocab"] == vocab]
+    teacher = rec["config"]["grids"][str(vocab)]["teacher_target_prob"]
+    better = dict(composite="higher is better", top1_agreement="higher is better", mode_recall="higher is better",
+                  target_prob=f"teacher's: {teacher:.3f}", entropy_gap="0 is best")
+    best = next(c for c in cells if c["selected"])
+    ties = [c for c in cells if not c["selected"] and verdict(c["delta_composite"]) == "tie"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.3))
+    for ax, name in zip(axes, metrics):
+        vals = [c["report"][name]["mean"] for c in cells]
+        span = max(map(abs, vals)) if name == "entropy_gap" else None        # diverging colours around 0
+        sc = ax.scatter([c["alpha"] for c in cells], [c["beta"] for c in cells], c=vals, marker="s", s=260,
+                        cmap="coolwarm" if span else "viridis", vmin=-span if span else None, vmax=span)
+        ax.scatter([c["alpha"] for c in ties], [c["beta"] for c in ties], s=90, facecolors="none", edgecolors="k", lw=1.5)
+        ax.plot(best["alpha"], best["beta"], "r*", ms=13)
+        ax.set(xlim=(-0.15, 1.15), ylim=(-0.15, 1.15), xlabel="α", ylabel="β", title=f"{name}\n({better.get(name, '')})")
+        fig.colorbar(sc, ax=ax, fraction=0.046)
+    fig.suptitle(f"V = {vocab}, means over the report draws: ★ selected on the selection draws "
+                 f"({best['alpha']:g}, {best['beta']:g}), ○ tie with it", fontsize=9)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/11_theory.ipynb #2a10847e
-CONTROLLED_COLUMNS = ("target_prob", "top1_agreement", "mode_recall", "entropy_gap", "composite", "best")
+CONTROLLED_COLUMNS = {  # column of the table -> its definition (formula; which way is better)
+    "(α, β)": "the point; forward KL (1, 0) and reverse KL (0, 1) are in every grid",
+    "point": "its name: a named point of the α-β family or the paper table that uses it",
+    "selection composite": "mean composite over the selection draws; the score that chose ★ (the only number here "
+                           "not from the report draws)",
+    "composite": "√(top1_agreement · mode_recall); higher is better",
+    "top1_agreement": "(1/n) Σ_i 1[argmax q_i = argmax p_i]; higher is better",
+    "mode_recall": "|top_5(p_i) ∩ top_5(q_i)| / 5, mean over contexts (the target and the m = 4 secondary modes); "
+                   "higher is better",
+    "target_prob": "(1/n) Σ_i q_i(y_i); diagnostic: closest to the teacher's own value (in the heading) is best",
+    "entropy_gap": "(1/n) Σ_i [H(q_i) − H(p_i)], H(r) = −Σ_k r_k log r_k in nats; closest to 0 is best "
+                   "(> 0 flatter than the teacher, < 0 sharper)",
+    "Δ composite (95% CI)": "paired over the report draws: composite(★) − composite(point), mean ± t_{0.975, r−1} · s/√r",
+    "verdict": "★ selected; tie: the interval contains 0 (no ranking claimed); below/above: the point is worse/better than ★"}
+
+def point_label(alpha: float, beta: float) -> str:
+    "The point's name(s): a named point of the family, the paper tables that chose it."
+    names = [pt.name for pt in NAMED_POINTS if (pt.alpha, pt.beta) == (alpha, beta)]
+    names += [f"Table {t}" for t in PAPER_CHOICES if (alpha, beta) in paper_choices(t)]
+    return ", ".join(names)
+
+def _mean_std(a: dict, fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(a['mean'])} ± {fmt.format(a['std'])}"
+
+def controlled_table(rec: dict, vocab: int) -> str:
+    "The markdown table of one vocabulary size, generated from the record; one row per point."
+    rows = []
+    for m in (m for m in rec["metrics"].values() if m["vocab"] == vocab):
+        r, d = m["report"], m["delta_composite"]
+        rows.append([f"({m['alpha']:g}, {m['beta']:g})", point_label(m["alpha"], m["beta"]), f"{m['selection_composite']:.3f}"]
+                    + [_mean_std(r[k]) for k in ("composite",) + METRICS]
+                    + [f"{d['mean']:+.3f} ± {d['half_width']:.3f}", "★ selected" if m["selected"] else verdict(d)])
+    return markdown_table(list(CONTROLLED_COLUMNS), rows)
+
+def controlled_markdown(rec: dict) -> str:
+    "Every vocabulary size's table with its setting, the selection rule, the split sizes and every column's definition."
+    cfg, blocks = rec["config"], []
+    for V, g in cfg["grids"].items():
+        cells = [m for m in rec["metrics"].values() if m["vocab"] == int(V)]
+        best = next(m for m in cells if m["selected"])
+        ties = [f"({m['alpha']:g}, {m['beta']:g})" for m in cells if not m["selected"] and verdict(m["delta_composite"]) == "tie"]
+        blocks += [f"## V = {V}: {len(cells)} points, {g['contexts']} contexts, h = {g['hidden']}, {g['steps']} Adam steps "
+                   f"(lr {cfg['lr']}); teacher's target_prob {g['teacher_target_prob']:.3f}",
+                   f"Selection draws {g['draws']['selection']}, report draws {g['draws']['report']} (disjoint). "
+                   f"Selected on the selection draws: ({best['alpha']:g}, {best['beta']:g}); on the report draws it ties "
+                   + (f"with {len(ties)} point(s): {', '.join(ties)} — no ranking among them." if ties else "with no other point."),
+                   controlled_table(rec, int(V))]
+    rule = ("Protocol: one draw d = the teacher `ControlledTask(seed=d)` and the student's initialisation from seed "
+            f"{INIT_SEED_OFFSET:,} + d. Selection rule: the highest mean composite over the selection draws (exact ties: "
+            "first in grid order). Every other column is the mean ± sample std over the report draws, which took no part "
+            "in the selection. Tie rule: the paired 95% Student-t interval of Δ composite contains 0.")
+    defs = "Columns:\n" + "\n".join(f"- `{c}`: {text}" for c, text in CONTROLLED_COLUMNS.items())
+    return "\n\n".join([f"From `controlled.json` (scale {cfg['scale']}, seed {rec['seed']}). {rule}", defs] + blocks)
 
 def run_controlled(controlled: dict, seed: int = SEED, progress: bool = False) -> dict:
-    "The controlled experiment of a preset's `controlled` entry: {V: rows}."
-    return {V: controlled_experiment(V, g["alphas"], g["betas"], controlled["steps"], seed=seed, contexts=g["contexts"],
-                                     progress=progress)
-            for V, g in controlled["grids"].items()}
+    "The controlled experiment of a preset's `controlled` entry: {V: (grid with its draws, rows)}."
+    out = {}
+    for V, g in controlled["grids"].items():
+        draws = split_draws(seed, g["selection_draws"], g["report_draws"])
+        rows = controlled_experiment(V, g["points"], draws["selection"] + draws["report"], g["steps"], g["contexts"],
+                                     g["hidden"], controlled["lr"], progress)
+        teacher = aggregate([teacher_target_prob(ControlledTask(vocab=V, contexts=g["contexts"], seed=d))
+                             for d in draws["report"]])["mean"]
+        out[V] = (dict(g, points=grid_points(g["points"]), draws=draws, teacher_target_prob=teacher), rows)
+    return out
 
 def write_controlled(out: Path, preset: dict, scale: str, seed: int = SEED, progress: bool = False) -> list[Path]:
-    "The controlled experiment at the preset: record (every point, its composite score, the best), table, heatmaps."
+    "The controlled experiment at the preset: record (every draw, the selection, the report), table, figures."
     cfg = preset["controlled"]
-    controlled = run_controlled(cfg, seed=seed, progress=progress)
-    metrics = {f"V={V} (α={r['alpha']:g}, β={r['beta']:g})": {**{k: r[k] for k in CONTROLLED_COLUMNS[:4]},
-               "composite": composite_score(r), "best": int(r is best_point(rows))}
-               for V, rows in controlled.items() for r in rows}
+    runs = run_controlled(cfg, seed=seed, progress=progress)
+    metrics = {f"V={V} (α={c['alpha']:g}, β={c['beta']:g})": dict(vocab=V, **c)
+               for V, (g, rows) in runs.items() for c in select_and_report(rows, g["draws"])}
     record = Path(out) / "controlled.json"
     save_record(record, experiment="theory/controlled", seed=seed, metrics=metrics,
-                config=dict(cfg, grids={str(k): v for k, v in cfg["grids"].items()}, scale=scale))
-    table = write_record_table(record, "Controlled distillation experiment (synthetic task)", CONTROLLED_COLUMNS, scale)
-    return [record, table] + [save_closed_figure(plot_controlled(rows), Path(out) / f"controlled_V{V}.png")
-                              for V, rows in controlled.items()]
+                config=dict(lr=cfg["lr"], scale=scale, init_seed_offset=INIT_SEED_OFFSET,
+                            grids={str(V): g for V, (g, _) in runs.items()}))
+    rec = load_record(record)
+    table = write_markdown(Path(out) / "controlled.md", "Controlled distillation experiment (synthetic task)",
+                           controlled_markdown(rec))
+    return [record, table] + [save_closed_figure(plot_controlled(rec, V), Path(out) / f"controlled_V{V}.png")
+                              for V in runs]
 
 # %% ../nbs/11_theory.ipynb #e2b68354
 def reproduce(out_dir, scale: str = "smoke", seed: int = SEED, progress: bool = True) -> list[Path]:
