@@ -377,18 +377,15 @@ def named_points_table(student_logits: Tensor, teacher_logits: Tensor,
 
 # %% ../nbs/00_divergence.ipynb #d50a164a
 def plot_ab_plane(ax=None, lim: tuple = (-1.2, 2.0)):
-    "The (α, β) plane with the named points, the σ = 1 (Amari α) and α = 1 (β-divergence) lines."
+    "The (α, β) plane with the named points, the α + β = 1 (α-divergence) and α = 1 (β-divergence) lines."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(6, 5.5))
     lo, hi = lim
     grid = torch.linspace(lo, hi, 2).tolist()
     ax.axhline(0, color="0.6", lw=0.8); ax.axvline(0, color="0.6", lw=0.8)
-    ax.plot(grid, [1 - a for a in grid], color="tab:blue", lw=1.5, label="σ = α + β = 1 (Amari α-divergence)")
-    ax.plot([1, 1], [lo, hi], color="tab:green", lw=1.2, ls="--", label="α = 1 (β-divergence)")
-    ax.plot(grid, [-a for a in grid], color="tab:gray", lw=1.0, ls=":", label="σ = 0 (log-ratio family)")
-    ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
-        (0.7, 0.2), 0.2, 0.3, color="tab:orange", alpha=0.3, label="rule of thumb, few classes"))
-    ax.plot([0.2], [0.7], marker="*", ms=14, color="tab:red", ls="none", label="rule of thumb, 50k vocab (0.2, 0.7)")
+    ax.plot(grid, [1 - a for a in grid], color="tab:blue", lw=1.5, label="α + β = 1: α-divergence (paper Def. F.1, App. F)")
+    ax.plot([1, 1], [lo, hi], color="tab:green", lw=1.2, ls="--", label="α = 1: β-divergence (paper Table 1)")
+    ax.plot(grid, [-a for a in grid], color="tab:gray", lw=1.0, ls=":", label="α + β = 0: log-ratio family (Eq. 8; name from Cichocki et al., 2011)")
     for pt in NAMED_POINTS:
         ax.plot(pt.alpha, pt.beta, "o", color="k", ms=5)
         ax.annotate(pt.name, (pt.alpha, pt.beta), textcoords="offset points", xytext=(5, 4), fontsize=8)

@@ -319,7 +319,7 @@ def plot_concentration_grid(grid: dict):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     a, b = grid["alphas"], grid["betas"]
     for ax, key, cmap in ((axes[0], "hardness", "Reds"), (axes[1], "confidence", "Blues")):
-        im = ax.imshow(grid[key], origin="lower", extent=(a[0], a[-1], b[0], b[-1]), aspect="auto", cmap=cmap)
+        im = ax.imshow(grid[key].numpy(), origin="lower", extent=(a[0], a[-1], b[0], b[-1]), aspect="auto", cmap=cmap)
         fig.colorbar(im, ax=ax, fraction=0.046)
         ax.plot([max(a[0], 1 - b[-1]), min(a[-1], 1 - b[0])], [1 - max(a[0], 1 - b[-1]), 1 - min(a[-1], 1 - b[0])],
                 "k-", lw=1, label="σ = 1")
