@@ -127,9 +127,74 @@ def test_weights_on_the_divergence_are_the_papers():
 
 def test_smoke_and_paper_presets_include_the_controls():
     assert "fkl_at_abkd_weights" in E.SMOKE["methods"]
-    assert set(E.PAPER["methods"]) >= {"fkl_at_abkd_weights", "rkl_at_abkd_weights", "abkd", "kd"}
+    assert all({"fkl_at_abkd_weights", "rkl_at_abkd_weights", "abkd", "kd"} <= set(E.paper_methods(*p))
+               for p in E.PAPER["pairs"])
     cfgs = E.smoke_configs("t.pt")
     assert len({E.run_folder(c) for c in cfgs}) == len(cfgs) == len(E.SMOKE["methods"]) * len(E.SMOKE["seeds"])
     assert all(c.method and c.recipe_source for c in cfgs)
     cfg = recipe("resnet56", "resnet20", "rkl_at_abkd_weights")
     assert (cfg.method, cfg.loss, cfg.loss_params["beta"]) == ("rkl_at_abkd_weights", "abkd", 1.0)
+
+
+def test_paper_plan_covers_every_setting_of_tables_4_13_14():
+    from abkd.cifar.recipes import AB_NAMES, METHODS, VARIANTS
+    from abkd.results import paper_settings, paper_table
+    plan = E.paper_plan()
+    assert len(plan) == len(set(plan)) and {(t, s) for t, s, _ in plan} == set(ALL_PAIRS) == set(E.PAPER["pairs"])
+    assert not any(m in VARIANTS for _, _, m in plan)
+    by_name = {v: k for k, v in AB_NAMES.items()}
+    for (row, name) in paper_settings(4):                                   # Table 4: 8 pairs × 4 AB methods
+        assert (*row.split(" → "), by_name[name]) in plan
+    for row in paper_table(13)["rows"]:                                     # Table 13: FKLD, RKLD, α-β
+        assert all((*row.split(" → "), m) in plan for m in ("kd", "rkl_at_abkd_weights", "abkd"))
+    for row in paper_table(14)["rows"]:                                     # Table 14: all 8 columns
+        assert all((*row.split(" → "), m) in plan for m in METHODS)
+    assert E.paper_plan([("resnet32", "resnet20")], ["kd", "dkd"]) == [("resnet32", "resnet20", "kd")]
+
+
+def test_each_paper_scale_row_gets_its_paper_cell():
+    "Every planned row shows the cell of the paper's table it belongs to, looked up here from paper_table directly."
+    from abkd.cifar.recipes import METHODS
+    from abkd.results import paper_table, published_number
+    plan = E.paper_plan()
+    table = E.results_table([], planned=plan)
+    col13 = {"kd": "FKLD", "rkl_at_abkd_weights": "RKLD", "abkd": "α-β-divergence"}
+    n13 = n14 = 0
+    for t, s, m in plan:
+        row, line = pair_label(t, s), row_of(table, pair_label(t, s), E.method_label(m, method_config(m, t, s)["loss_params"]))
+        if row in paper_table(13)["rows"] and m in col13:
+            assert f"| {published_number(paper_table(13), row, col13[m], with_std=True)} [Table 13] |" in line; n13 += 1
+        elif row in paper_table(14)["rows"] and m in METHODS:
+            assert f"| {paper_table(14)['rows'][row][m.upper()]:.2f} [Table 14] |" in line; n14 += 1
+        elif m in METHODS: assert "| Fig. 5 only [Fig. 5] |" in line
+        else: assert "the paper has no such column" in line
+    assert (n13, n14) == (12, 8)
+    for t in ("resnet32", "resnet44", "resnet56", "resnet110"):              # Table 13's teacher column
+        want = paper_table(13)["rows"][f"{t} → resnet20"]["Teacher"]
+        assert f"| {want:.2f} [Table 13, teacher of {t} → resnet20] |" in row_of(table, f"{t} (teacher)")
+
+
+def test_reproduce_paper_trains_the_unreleased_teachers_first(monkeypatch, tmp_path):
+    "resnet32 and resnet44 have no public checkpoint: trained at the paper schedule, their students read the last epoch."
+    from abkd.cifar.recipes import paper_schedule
+    from abkd.training import CHECKPOINT
+    calls = []
+    def fake_run(cfg, data_root, out_dir, **kw):
+        calls.append((cfg, out_dir))
+        c = dict(cfg.to_dict(), best_chosen_on="test")
+        return dict(config=c, metrics=dict(last_test_acc=1.0, best_test_acc=2.0))
+    monkeypatch.setattr(E, "run_config", fake_run)
+    monkeypatch.setattr(E, "teacher_path", lambda name, root: root / f"{name}.pth")
+    assert E.teachers_to_train(ALL_PAIRS) == ("resnet32", "resnet44")
+    pairs = [("resnet32", "resnet20"), ("resnet56", "resnet20")]
+    written = E.reproduce_paper(tmp_path, pairs=pairs, seeds=(0,))
+    teacher_cfg, teacher_dir = calls[0]
+    assert teacher_cfg.loss == "ce" and teacher_cfg.model == "resnet32" and teacher_cfg.amp is False
+    assert {k: getattr(teacher_cfg, k) for k in paper_schedule()} == paper_schedule()
+    students = calls[1:]
+    assert len(students) == len(E.paper_plan(pairs))
+    assert all(c.teacher_checkpoint == str(teacher_dir / CHECKPOINT) for c, _ in students if c.teacher == "resnet32")
+    assert all(c.teacher_checkpoint.endswith("resnet56.pth") for c, _ in students if c.teacher == "resnet56")
+    text = written[-1].read_text()
+    assert "Trained here (no public checkpoint): teachers resnet32;" in text
+    assert "| 1 | 1.00 | 2.00 [test] | 71.93 [Table 13, teacher of resnet32 → resnet20] |" in text

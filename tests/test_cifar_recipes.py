@@ -68,7 +68,12 @@ def test_every_table13_setting_equals_the_paper_and_the_transcription():
         assert paper_hyperparameters(13, pair_label(t, "resnet20")) == ab
         c = method_config("abkd", t, "resnet20")
         assert (c["alpha"], c["beta"]) == ab and "Table 13" in c["source"]
+        assert method_params("abkd", t, "resnet20")["alpha"] == ab[0] and recipe(t, "resnet20", "abkd").loss_params["beta"] == ab[1]
         assert set(methods_for(t, "resnet20")) >= {"kd", "abkd", *CONTROLS}
+        # the columns FKLD and RKLD: KL at the KD recipe (no α, β) and ab(0, 1) at ABKD's weights
+        assert "alpha" not in method_params("kd", t, "resnet20")
+        rkl = recipe(t, "resnet20", "rkl_at_abkd_weights").loss_params
+        assert (rkl["alpha"], rkl["beta"]) == (0.0, 1.0) and rkl["kd_weight"] == c["kd_weight"]
 
 
 def test_pairs_are_the_papers_and_exist_in_the_model_zoo():
@@ -85,6 +90,23 @@ def test_resnet50_vgg8_uses_the_same_students_table4_setting_and_says_so():
         c = method_config(m, "ResNet50", "vgg8")
         assert (c["alpha"], c["beta"]) == ref["vgg13", "vgg8", name]
         assert "Table 14" in c["source"] and "vgg13 → vgg8" in c["source"]
+        assert (method_params(m, "ResNet50", "vgg8")["alpha"], recipe("ResNet50", "vgg8", m).loss_params["beta"]) == \
+            ref["vgg13", "vgg8", name]
+    assert set(methods_for("ResNet50", "vgg8")) >= set(METHODS)          # every column of Table 14 has a preset
+
+
+def test_recipes_train_in_float32_as_the_official_scripts():
+    "The official standard_classification has no autocast: recipe() and teacher_recipe() set amp=False, stated in the source."
+    for t, s in ALL_PAIRS:
+        for m in methods_for(t, s):
+            cfg = recipe(t, s, m)
+            assert cfg.amp is False and "float32" in cfg.recipe_source
+    from abkd.cifar.recipes import teacher_recipe
+    assert teacher_recipe("resnet32").amp is False and recipe("resnet56", "resnet20", "abkd", amp=True).amp is True
+    topics = {c["topic"] for c in CONFLICTS}
+    assert {"numeric precision", "DKD warm-up clock", "last partial batch", "Table 13 teachers resnet32, resnet44",
+            "TTM λ per pair", "ABKD weight λ", "ABDKD target-class term (ab_tckd)"} <= topics
+    assert all(c["paper"] and c["official"] and c["follow"] and c["why"] for c in CONFLICTS)
 
 
 def test_abkd_weights_temperature_and_the_official_variant():

@@ -13,17 +13,18 @@ from ..results import (aggregate, by_scale, cite_published, format_mean_std, loa
                           pair_label, paper_table, published, published_number, save_record, write_markdown)
 from .data import build_synthetic_cifar100, cifar100_datasets
 from .models import create_model
-from .recipes import (AB_GRID, AB_SETTING_OF, ALL_METHODS, CONTROLS, METHODS, PAIRS, STAND_INS,
-                                divergence_weight, load_state_dict_file, method_config, recipe, teacher_path,
-                                teacher_recipe)
+from .recipes import (AB_GRID, AB_SETTING_OF, ALL_METHODS, ALL_PAIRS, CONTROLS, FP32, METHODS,
+                                STAND_INS, VARIANTS, divergence_weight, load_state_dict_file, method_config, methods_for,
+                                paper_schedule, recipe, teacher_path, teacher_recipe, teacher_registry)
+from ..training import CHECKPOINT
 from .train import TrainConfig, fit
 
 # %% auto #0
 __all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'TEACHER_SIZE_COLUMNS', 'ROLE_COLUMNS', 'TABLE_HEAD', 'SMOKE', 'PAPER', 'load_weights',
            'build_teacher', 'run_config', 'run_seeds', 'grid_search', 'paper_pair', 'paper_column', 'paper_cell',
            'role_cell', 'published_value', 'weights_cells', 'method_label', 'results_table', 'published_sources',
-           'smoke_configs', 'run_folder', 'weights_sentence', 'smoke_note', 'reproduce_smoke', 'reproduce_paper',
-           'reproduce']
+           'paper_methods', 'paper_plan', 'teachers_to_train', 'smoke_configs', 'run_folder', 'weights_sentence',
+           'smoke_note', 'reproduce_smoke', 'reproduce_paper', 'reproduce']
 
 # %% ../../nbs/16_cifar_experiment.ipynb #23679180
 RESULT = "result.json"
@@ -235,12 +236,28 @@ def published_sources(methods, paper_labels: Sequence[str] = ()) -> str:
 SMOKE = dict(teacher="resnet20", student="resnet8", setting=("resnet56", "resnet20"),   # presets of a paper pair
              methods=("kd", "abkd", "fkl_at_abkd_weights"), seeds=(0, 1), n_train_per_class=20,
              n_test_per_class=5, teacher_epochs=6, student_epochs=6, batch_size=64, lr=0.05, milestones=(4,))
-PAPER = dict(pairs=PAIRS, methods=METHODS + CONTROLS, seeds=(0, 1, 2))
+PAPER = dict(pairs=ALL_PAIRS, methods=None, seeds=(0, 1, 2))   # methods None: each pair's paper_methods
+
+def paper_methods(teacher: str, student: str) -> tuple:
+    "The methods the paper-scale run trains on the pair: its presets (methods_for) less the official-script variants."
+    return tuple(m for m in methods_for(teacher, student) if m not in VARIANTS)
+
+def paper_plan(pairs: Sequence[tuple] = PAPER["pairs"], methods: Optional[Sequence[str]] = PAPER["methods"]) -> list:
+    """(teacher, student, method) of every paper-scale run: each pair with its paper_methods, or with those of
+    `methods` it has a preset for (Tables 4 and 14: the 8 methods and both controls; Table 13's extra pairs: KD = FKLD,
+    ABKD, the controls)."""
+    return [(t, s, m) for t, s in pairs for m in (paper_methods(t, s) if methods is None else
+                                                  [m for m in methods if m in methods_for(t, s)])]
+
+def teachers_to_train(pairs: Sequence[tuple]) -> tuple:
+    "The teachers of `pairs` with no public checkpoint (Table 13's resnet32, resnet44): the paper run trains them."
+    public = teacher_registry()
+    return tuple(t for t in dict.fromkeys(t for t, _ in pairs) if t not in public)
 
 def smoke_configs(teacher_checkpoint: str, smoke: dict = SMOKE) -> list[TrainConfig]:
     "The smoke run's student configurations: each method at its preset (weights, T, α, β) for each seed."
     common = dict(epochs=smoke["student_epochs"], batch_size=smoke["batch_size"], lr=smoke["lr"],
-                  milestones=smoke["milestones"])
+                  milestones=smoke["milestones"], **FP32)
     out = []
     for m in smoke["methods"]:
         rec = method_config(m, smoke["teacher"], smoke["student"], setting=smoke.get("setting"))
@@ -303,24 +320,35 @@ def _launched_accelerator():
 def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=PAPER["pairs"], methods=PAPER["methods"],
                     seeds=PAPER["seeds"], download: bool = True, progress: bool = True, accelerator=None,
                     **kw) -> list[Path]:
-    "The published recipe on real CIFAR-100 for `pairs` × `methods` × `seeds` (PAPER: all; a GPU job of days)."
+    """The published recipe on real CIFAR-100 for every run of `paper_plan(pairs, methods)` × `seeds` (PAPER: every
+    setting of Tables 4, 13 and 14; a GPU job of days). The public teachers are checked before anything trains; the
+    teachers without one (`teachers_to_train`) are trained first with `teacher_recipe` at the App. I.2.3 schedule,
+    and their students distil from the last epoch's weights (the released teachers are epoch-240 checkpoints)."""
     accelerator = accelerator or _launched_accelerator()
     root = Path(out_dir) / "cifar100"
     data_root = Path(data_root or root / "data")
     teachers_dir = Path(teachers_dir or root / "teachers")
-    records, written = [], []
-    ckpts = {t: str(teacher_path(t, teachers_dir)) for t in dict.fromkeys(t for t, _ in pairs)}  # before training
-    for t, s in pairs:
-        for m in methods:
-            for seed in seeds:
-                run_dir = root / "runs" / f"{t}-{s}" / m / f"seed{seed}"
-                records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root,
-                                          run_dir,
-                                          download=download, progress=progress, accelerator=accelerator, **kw))
-                written.append(run_dir / RESULT)
+    plan, records, written = paper_plan(pairs, methods), [], []
+    to_train = teachers_to_train(pairs)
+    ckpts = {t: str(teacher_path(t, teachers_dir)) for t in dict.fromkeys(t for t, _ in pairs) if t not in to_train}
+    for t in to_train:
+        run_dir = root / "teachers_trained" / t
+        records.append(run_config(teacher_recipe(t, **paper_schedule()), data_root, run_dir, download=download,
+                                  progress=progress, accelerator=accelerator, **kw))
+        ckpts[t] = str(run_dir / CHECKPOINT)
+        written.append(run_dir / RESULT)
+    for t, s, m in plan:
+        for seed in seeds:
+            run_dir = root / "runs" / f"{t}-{s}" / m / f"seed{seed}"
+            records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root, run_dir,
+                                      download=download, progress=progress, accelerator=accelerator, **kw))
+            written.append(run_dir / RESULT)
     written.append(write_markdown(root / "table.md", "CIFAR-100 distillation (paper recipe)",
-                                  "The published recipe (240 epochs); best epoch chosen on test as in the published "
-                                  "tables.", results_table(records)))
+                                  "The published recipe (240 epochs, float32); best epoch chosen on test as in the "
+                                  "published tables. "
+                                  + (f"Trained here (no public checkpoint): teachers {', '.join(to_train)}; the "
+                                     "other teachers are " if to_train else "Teachers ") + "from the public archive.",
+                                  results_table(records, planned=plan)))
     return written
 
 def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:

@@ -18,10 +18,10 @@ from ..training import DataNotFoundError
 # %% auto #0
 __all__ = ['TABLE4_PAIRS', 'TEACHER_SIZE_PAIRS', 'CROSS_ARCH_PAIRS', 'PAIRS', 'ALL_PAIRS', 'METHODS', 'CONTROLS', 'VARIANTS',
            'ALL_METHODS', 'TEACHER_SIZE_METHODS', 'AB_NAMES', 'PARENT', 'AB_SETTING_OF', 'FIXED_ALPHA_BETA',
-           'ALPHA_BETA_FROM', 'STAND_INS', 'MDISTILLER_DKD', 'DKD_NCKD_WEIGHT', 'TTM_KD_WEIGHT', 'TTM_README',
-           'AB_GRID', 'PRESET_COLUMNS', 'CONFLICTS', 'TEACHER_URL', 'known_pairs', 'methods_for', 'paper_schedule',
-           'divergence_weight', 'method_config', 'method_params', 'recipe', 'teacher_recipe', 'preset_row',
-           'presets_markdown', 'conflicts_markdown', 'TeacherEntry', 'teacher_registry', 'teacher_path',
+           'ALPHA_BETA_FROM', 'STAND_INS', 'MDISTILLER_DKD', 'DKD_NCKD_WEIGHT', 'TTM_KD_WEIGHT', 'TTM_README', 'FP32',
+           'FP32_SOURCE', 'AB_GRID', 'PRESET_COLUMNS', 'CONFLICTS', 'TEACHER_URL', 'known_pairs', 'methods_for',
+           'paper_schedule', 'divergence_weight', 'method_config', 'method_params', 'recipe', 'teacher_recipe',
+           'preset_row', 'presets_markdown', 'conflicts_markdown', 'TeacherEntry', 'teacher_registry', 'teacher_path',
            'load_state_dict_file']
 
 # %% ../../nbs/15_cifar_recipes.ipynb #bdcd1ee7
@@ -84,6 +84,9 @@ TTM_KD_WEIGHT = {     # TTM's λ where a source sets it for the pair; elsewhere 
                                      "(wrn_40_2 → wrn_40_1, λ 76, γ 0.1)"),
 }
 TTM_README = "zkxufo/TTM README example (vgg13 → vgg8: λ 45, γ 0.1)"
+
+FP32 = dict(amp=False)   # the official standard_classification trains in float32: no autocast in train_student.py/helper/loops.py
+FP32_SOURCE = "official code ghwang-s/abkd, standard_classification (train_student.py, helper/loops.py: no autocast, float32)"
 
 AB_GRID = tuple((round(a, 1), round(s - a, 1)) for s in (1.0, 1.1, 1.2) for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2))
 
@@ -225,12 +228,13 @@ def recipe(teacher: str, student: str, method: str, seed: int = 0, alpha_beta: O
     "The paper's CIFAR-100 recipe for distilling `teacher` into `student` with `method`, as a TrainConfig."
     c = method_config(method, teacher, student, alpha_beta, setting)
     return TrainConfig(student, loss=c["loss"], loss_params=c["loss_params"], teacher=teacher,
-                       teacher_checkpoint=teacher_checkpoint, seed=seed, method=method, recipe_source=c["source"],
-                       **{**paper_schedule(), **overrides})
+                       teacher_checkpoint=teacher_checkpoint, seed=seed, method=method,
+                       recipe_source=c["source"] + f"; float32 (amp=False): {FP32_SOURCE}",
+                       **{**paper_schedule(), **FP32, **overrides})
 
 def teacher_recipe(model: str, seed: int = 0, **overrides) -> TrainConfig:
-    "Training a teacher (or a student alone): cross-entropy with the same recipe."
-    return TrainConfig(model, loss="ce", seed=seed, **overrides)
+    "Training a teacher (or a student alone): cross-entropy, float32 as the official scripts (`overrides`: the schedule)."
+    return TrainConfig(model, loss="ce", seed=seed, **{**FP32, **overrides})
 
 # %% ../../nbs/15_cifar_recipes.ipynb #620e5dd6
 def _fmt_num(v) -> str: return "—" if v is None else f"{v:g}"
@@ -290,6 +294,23 @@ def _conflicts() -> tuple:
         dict(topic="ResNet50 → vgg8 α, β", paper="none (Table 14 gives accuracies only)", official="none",
              follow="Table 4's vgg13 → vgg8 setting for each AB method", why="the same student and 100 classes; "
              "App. D ties α, β to the student's output distribution; recorded in each record's source"),
+        dict(topic="numeric precision", paper="silent", official="float32 (no autocast in train_student.py or "
+             "helper/loops.py)", follow="the official code: recipe() and teacher_recipe() set amp=False",
+             why="bf16 autocast (TrainConfig's default, amp=True) rounds the logits the divergence reads; it stays "
+                 "available as an override (amp=True)"),
+        dict(topic="DKD warm-up clock", paper="DKD's own (mdistiller: min(epoch/20, 1))",
+             official="min(epoch/20, 1) with the 1-based integer epoch (distiller_zoo/dkd.py, helper/loops.py): "
+                      "0.05 in the first epoch, 1 from epoch 20", follow="a deviation: the fractional 0-based epoch "
+             "(epoch + step/steps, abkd.cifar.train), rising from 0 to 1 over the first 20 epochs",
+             why="a smooth ramp; its factor is at most 1/20 below the official's, in the first 20 of 240 epochs only"),
+        dict(topic="last partial batch", paper="silent", official="drop_last=True (dataset/cifar100.py)",
+             follow="a deviation: drop_last=False (abkd.training.epoch_loader): the last 50000 mod 64 = 16 images "
+                    "of each epoch form a batch", why="one step in 782 per epoch, every image seen each epoch"),
+        dict(topic="Table 13 teachers resnet32, resnet44", paper="trained alone (Table 13's Teacher column: "
+             + ", ".join(f"{r.split(' → ')[0]} {v['Teacher']:g}" for r, v in paper_table(13)["rows"].items()) + ")",
+             official="not released (the teachers archive has resnet56, resnet110, resnet32x4, wrn_40_2, vgg13, "
+                      "ResNet50)", follow="trained here with teacher_recipe at the App. I.2.3 schedule",
+             why="no public checkpoint exists; the table puts each trained teacher beside Table 13's"),
         dict(topic="Table 13 RKLD column", paper="RKLD at α = 0, β = 1; weights not stated", official="none",
              follow="'rkl_at_abkd_weights': ab(0, 1) with ABKD's weights and T", why="the FKLD column matches the "
              "published KD recipe ('kd'); the RKLD weights are our choice, stated in the record"),
