@@ -1,4 +1,5 @@
 """Tests of `abkd.clip.train`: the PromptKD objective, the schedule and config errors, exact resume, KD that reads no labels, the teacher stage."""
+import math
 import pytest
 import torch
 from abkd.clip.data import STANDIN_WORDS, Datum, base_new_splits, write_standin_dataset
@@ -115,8 +116,16 @@ def test_target_labels_teacher_or_ground_truth():
 
 def test_schedule_and_config_errors():
     cfg = CLIPTrainConfig(epochs=20)
-    assert epoch_lr(cfg, 0) == 1e-5 and epoch_lr(cfg, 20) == pytest.approx(0.0, abs=1e-18)
-    assert max(epoch_lr(cfg, e) for e in range(20)) < 0.005
+    # Dassl (WARMUP_RECOUNT): warm-up at 1e-5, then the full rate, the cosine counted from the warm-up's end
+    assert epoch_lr(cfg, 0) == 1e-5 and epoch_lr(cfg, 1) == 0.005
+    assert epoch_lr(cfg, 19) == pytest.approx(0.5 * 0.005 * (1 + math.cos(math.pi * 18 / 20)), rel=1e-14)
+    assert epoch_lr(CLIPTrainConfig(epochs=10, warmup_epochs=0), 0) == 0.005
+    # float32 as the official config (PREC fp32); bf16 autocast only when asked
+    assert CLIPTrainConfig().amp is False and CLIPTrainConfig(amp=True).amp is True
+    assert CLIPTrainConfig(method="abkd", loss_params=dict(alpha=1.0, beta=0.0), recipe_name="fkl_at_abkd_weights").name \
+        == "fkl_at_abkd_weights" and CLIPTrainConfig().name == "kd"
+    with pytest.raises(ValueError, match="recipe_name must be None or a name"):
+        CLIPTrainConfig(recipe_name="a/b")
     with pytest.raises(ValueError, match="warmup_epochs"):
         CLIPTrainConfig(epochs=1, warmup_epochs=1)
     with pytest.raises(ValueError, match="stage"):

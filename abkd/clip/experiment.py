@@ -22,11 +22,11 @@ from ..results import (by_scale, format_mean_std, load_records, markdown_table, 
                           paper_source, training_fact, training_facts, write_markdown)
 
 # %% auto #0
-__all__ = ['B2N', 'KD_WEIGHT_GRID', 'OFFICIAL_LR', 'METHODS', 'AB_GRID', 'METHOD_LABELS', 'NOT_IN_PAPER', 'CONFLICTS', 'SMOKE',
-           'PAPER', 'ClipMethod', 'known_method', 'ab_params', 'method_recipe', 'method_config', 'run_method',
-           'recipe_label', 'results_table', 'conflicts_table', 'pretrain_standin_clip', 'smoke_models',
-           'train_teacher_prompts', 'reproduce_smoke', 'paper_models', 'select_kd_weight', 'reproduce_paper',
-           'reproduce']
+__all__ = ['B2N', 'KD_WEIGHT_GRID', 'OFFICIAL_LR', 'METHODS', 'CONTROLS', 'AB_GRID', 'METHOD_LABELS', 'NOT_IN_PAPER', 'CONFLICTS',
+           'SMOKE', 'PAPER', 'ClipMethod', 'known_method', 'ab_params', 'method_recipe', 'method_config', 'run_method',
+           'record_method', 'recipe_label', 'results_table', 'conflicts_table', 'pretrain_standin_clip', 'smoke_models',
+           'train_teacher_prompts', 'weights_note', 'reproduce_smoke', 'paper_models', 'select_kd_weight',
+           'reproduce_paper', 'reproduce']
 
 # %% ../../nbs/21_clip_experiment.ipynb #5e7fb529
 B2N = "base_to_new"
@@ -41,6 +41,7 @@ class ClipMethod:
     source: str
     paper_row: Optional[str] = None      # Table 16 row; None: the paper reports no base-to-new number
     ab: bool = False                     # takes Table 6's (α, β)
+    control_of: Optional[str] = None     # a control: the method whose λ, T and scaling it runs with
 
 _OFF = "ghwang-s/abkd base_to_new_classification/scripts/promptkd"
 _AB_EXT = "no base-to-new result in the paper: Table 6's ABKD (α, β) on the parent's recipe"
@@ -57,6 +58,11 @@ METHODS = {
     "ttm": ClipMethod("ttm", dict(gamma=0.1), f"{_OFF}/base2new_train_ttm.sh (ttm_l 0.1); not in Table 16"),
     "abttm": ClipMethod("abttm", dict(gamma=0.1), f"{_AB_EXT} ttm", ab=True),
 }
+CONTROLS = {"fkl_at_abkd_weights": (1.0, 0.0)}   # ab(1, 0) = KL at ABKD's λ, T and scaling: beyond the paper
+for _name, (_a, _b) in CONTROLS.items():
+    METHODS[_name] = ClipMethod("abkd", dict(METHODS["abkd"].params, alpha=_a, beta=_b),
+                                f"control: ab({_a:g}, {_b:g}) with ABKD's λ, temperature and scaling ({_OFF}/"
+                                "base2new_train_ab.sh, losses/abkl.py); not in the paper", control_of="abkd")
 AB_GRID = [(round(a, 1), round(s - a, 1)) for s in (1.0, 1.1, 1.2, 1.3) for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)]
 
 def known_method(method: str) -> ClipMethod:
@@ -74,13 +80,13 @@ def method_recipe(dataset: str, method: str, kd_weight: Optional[float] = None) 
     m, spec = known_method(method), dataset_spec(dataset)
     params = dict(m.params, **(ab_params(dataset) if m.ab else {}))
     scaling = KD_SCALING[m.loss]
-    return dict(method=method, loss=m.loss, loss_params=params, source=m.source,
+    return dict(method=method, loss=m.loss, loss_params=params, source=m.source, control_of=m.control_of,
                 alpha_beta_source=paper_source("Table 6") if m.ab else None,
                 kd_weight=spec.kd_weight if kd_weight is None else kd_weight,
                 kd_weight_source="PromptKD per-dataset KD_WEIGHT (fallback)" if kd_weight is None else
                                  f"chosen on base-class validation from {list(KD_WEIGHT_GRID)}",
                 ce_weight=0.0, temperature=params.get("temperature"), scaling=scaling.per,
-                scaling_source=scaling.source, lr_source=training_facts(B2N)["lr"]["source"],
+                t_squared=scaling.t_squared, scaling_source=scaling.source, lr_source=training_facts(B2N)["lr"]["source"],
                 selection=MODEL_SELECTION)
 
 def method_config(dataset: str, method: str, seed: int, **overrides) -> CLIPTrainConfig:
@@ -88,14 +94,14 @@ def method_config(dataset: str, method: str, seed: int, **overrides) -> CLIPTrai
     r = method_recipe(dataset, method, overrides.pop("kd_weight", None))
     params = dict(r["loss_params"], **overrides.pop("loss_params", {}))
     return CLIPTrainConfig(dataset=dataset, stage="kd", method=r["loss"], loss_params=params, seed=seed,
-                           kd_weight=r["kd_weight"], **overrides)
+                           kd_weight=r["kd_weight"], recipe_name=method, **overrides)
 
 # %% ../../nbs/21_clip_experiment.ipynb #17aacef6
 def run_method(cfg: CLIPTrainConfig, make_student, teacher: PromptedCLIP, splits, out_dir, *, device=None,
                progress: bool = True, extra_config: Optional[dict] = None) -> Path:
-    "Distil one student per cfg; write and return out_dir/records/<dataset>_<method>_seed<seed>.json."
+    "Distil one student per cfg; write and return out_dir/records/<dataset>_<cfg.name>_seed<seed>.json."
     out_dir = Path(out_dir)
-    name = f"{cfg.dataset}_{cfg.method}_seed{cfg.seed}"
+    name = f"{cfg.dataset}_{cfg.name}_seed{cfg.seed}"
     torch.manual_seed(cfg.seed)
     result = fit_clip(cfg, make_student(), splits, out_dir / "runs" / name, teacher=teacher, device=device,
                       progress=progress)
@@ -105,8 +111,12 @@ def run_method(cfg: CLIPTrainConfig, make_student, teacher: PromptedCLIP, splits
 
 # %% ../../nbs/21_clip_experiment.ipynb #3ab5de7e
 METHOD_LABELS = {"kd": "KD (PromptKD)", "abkd": "ABKD", "dkd": "DKD", "abdkd": "ABDKD", "lsd": "LSD", "ablsd": "ABLSD",
-                 "ttm": "TTM", "abttm": "ABTTM"}
-_LOSS_TO_METHOD = {m.loss: name for name, m in METHODS.items()}
+                 "ttm": "TTM", "abttm": "ABTTM", "fkl_at_abkd_weights": "FKL at ABKD's weights (control)"}
+_LOSS_TO_METHOD = {m.loss: name for name, m in METHODS.items() if m.control_of is None}
+
+def record_method(config: dict) -> str:
+    "The method name of a record's config: its recipe_name (the name of a control too), else its loss's method."
+    return config.get("recipe_name") or _LOSS_TO_METHOD.get(config["method"], config["method"])
 _COLUMNS = (("base", "Base"), ("new", "Novel"), ("hm", "HM"))
 NOT_IN_PAPER = "not in Table 16"
 
@@ -116,24 +126,25 @@ def _paper_cells(title: str, row: Optional[str], ours: list) -> list[str]:
     for key, col in _COLUMNS:
         vals = [m[key] for m in ours]
         mine = format_mean_std(vals, count=False)
-        if row is None: out += [mine, NOT_IN_PAPER, ""]; continue
+        if row is None: out += [mine, NOT_IN_PAPER, "—"]; continue
         paper = paper_number(16, row, col, title)
         out += [mine, f"{paper:.2f}", f"{sum(vals) / len(vals) - paper:+.2f}"]
     return out
 
 def recipe_label(config: dict) -> str:
-    "λ, T, α, β and the normalisation of one record's run."
-    p, m = config["loss_params"], config["method"]
-    parts = [f"λ={config['kd_weight']:g}"] + [f"{k}={p[k]:g}" for k in ("temperature", "gamma", "alpha", "beta") if k in p]
-    return ", ".join(parts).replace("temperature", "T").replace("gamma", "γ").replace("alpha", "α").replace("beta", "β") + \
-        f", ÷{'B·C' if KD_SCALING[m].per == 'batch·classes' else 'B'}"
+    "CE weight (0), λ, T, γ, α, β and the official normalisation of one record's run (÷B·C or ÷B; ·T² where it has it)."
+    p, s = config["loss_params"], KD_SCALING[config["method"]]
+    names = dict(temperature="T", gamma="γ", alpha="α", beta="β")
+    parts = ["CE 0", f"λ={config['kd_weight']:g}"] + [f"{names[k]}={p[k]:g}" for k in names if k in p]
+    norm = "÷B·C" if s.per == "batch·classes" else "÷B"
+    return ", ".join(parts) + f", {norm}" + ("·T²" if s.t_squared and "temperature" in p else "")
 
 def results_table(records: Sequence[dict]) -> str:
     "Markdown: per dataset and method, the recipe, ours (mean ± std), Table 16's number and the difference."
     groups, teachers, recipes = {}, {}, {}
     for r in records:
         ds = r["config"]["dataset"]; m = r["metrics"]
-        method = _LOSS_TO_METHOD.get(r["config"]["method"], r["config"]["method"])
+        method = record_method(r["config"])
         groups.setdefault((ds, method), []).append(m)
         recipes.setdefault((ds, method), recipe_label(r["config"]))
         teachers.setdefault(ds, []).append(m)
@@ -148,8 +159,13 @@ def results_table(records: Sequence[dict]) -> str:
             rows.append([title, f"{METHOD_LABELS[method]} (n={len(ms)})", recipes[(ds, method)]] +
                         _paper_cells(title, METHODS[method].paper_row, ms))
     head = ["dataset", "method", "recipe"] + [h for _, c in _COLUMNS for h in (c, f"{c} (paper)", "Δ")]
+    controls = [m for m in CONTROLS if any(k[1] == m for k in groups)]
+    note = (" FKL at ABKD's weights is ab(1, 0) = KL at ABKD's λ, T and scaling (÷B, not KD's ÷B·C): ABKD minus it "
+            "is the divergence's effect, it minus KD the weights' and scaling's." if controls else "")
     return (markdown_table(head, rows) + f"\n\nPaper: {paper_source('16')} (ViT-L/14 → ViT-B/16). Model: "
-            f"{MODEL_SELECTION}. Δ = our mean − paper. CE weight 0 for every method.")
+            f"{MODEL_SELECTION}. Δ = our mean − paper. Recipe: CE weight (0 for every method: the students train on "
+            "unlabeled images), λ, temperature, α, β, and the official code's normalisation of the loss (÷B·C: sum "
+            "over batch and classes; ÷B: batch mean; ·T²: times T²)." + note)
 
 # %% ../../nbs/21_clip_experiment.ipynb #b0d646ab
 CONFLICTS = [
@@ -171,12 +187,32 @@ CONFLICTS = [
          official="TEST.FINAL_MODEL best_val, and val is the base-class test split",
          ours=f"{MODEL_SELECTION} (reported and stored in every record)",
          why="choosing the epoch on test accuracy leaks the test set into the reported number"),
-    dict(topic="DKD target class", paper="students train on the unlabeled training set",
-         official="DKD reads the ground-truth label of every training image (base and new classes)",
-         ours="the teacher's argmax (labels='teacher'); labels='ground_truth' reproduces the official",
-         why="the paper's protocol is label-free; new-class labels would leak into the student"),
-    dict(topic="DKD weights", paper="silent", official="dkd_alpha 1, dkd_beta in {0.5, 1}, warm-up factor 1, T = 1",
-         ours="TCKD 1, NCKD 1, warm-up factor 1, T = 1", why="the official script (NCKD 1: its parser default)"),
+    dict(topic="DKD target class", paper=f"{training_facts(B2N)['student_labels']['note']} "
+                                         f"({training_facts(B2N)['student_labels']['source']})",
+         official="DKD reads the ground-truth label of every training image (base and new classes): "
+                  "trainers/promptkd.py passes the batch's label to losses/dkd.py",
+         ours="the paper: the teacher's argmax (labels='teacher'); labels='ground_truth' reproduces the official",
+         why="the paper states the protocol is label-free; new-class labels would leak into the student"),
+    dict(topic="DKD weights and warm-up", paper="silent",
+         official="dkd_alpha 1; dkd_beta looped over {0.5, 1} (base2new_train_dkd.sh; parser default 1); "
+                  "warm-up min(epoch / 1, 1) with epoch = self.epoch + 1 (1-based), i.e. factor 1 at every step; T = 1",
+         ours="TCKD 1, NCKD 1, warm-up factor 1 (warmup=0: the same factor at every step), T = 1",
+         why="the official script; of its two β the chosen one is not reported, so the parser's default 1 (a "
+             "documented choice)"),
+    dict(topic="learning-rate schedule", paper="cosine, 20 epochs (App. I.2.3)",
+         official="Dassl: 1 constant warm-up epoch at 1e-5, then CosineAnnealingLR(T_max = 20) counted from the "
+                  "warm-up's end (WARMUP_RECOUNT True): epoch e ≥ 1 at ½η(1 + cos(π(e − 1)/20))",
+         ours="the official's (epoch_lr, checked against torch's schedulers)", why="the paper is silent on the offset"),
+    dict(topic="numeric precision", paper="silent", official="TRAINER.PROMPTKD.PREC fp32 (the PromptKD config)",
+         ours="float32 (CLIPTrainConfig.amp=False); amp=True is bf16 autocast on CUDA, an option",
+         why="the official setting; the smoke scale runs on the CPU in float32 either way"),
+    dict(topic="last partial batch", paper="silent",
+         official="Dassl's train loader drops it (drop_last when the set holds a full batch)",
+         ours="a deviation: kept (abkd.training.epoch_loader, drop_last=False)",
+         why="at batch 8 at most 7 images of an epoch form one smaller step; every image is seen each epoch"),
+    dict(topic="FKL at ABKD's weights (control)", paper="none (beyond the paper)", official="none",
+         ours="ab(1, 0) with ABKD's λ (its selected λ at paper scale), T and scaling; one row per dataset",
+         why="KD and ABKD differ in both the divergence and the scaling (÷B·C vs ÷B): the control separates them"),
     dict(topic="AB extensions (ABDKD, ABLSD, ABTTM)", paper="no base-to-new result; Table 6 for ABKD",
          official="no script", ours="Table 6's per-dataset (α, β) on the parent's recipe; ABDKD's TCKD stays KL",
          why="only α, β change from the parent method, as in the paper's CIFAR recipes"),
@@ -235,6 +271,19 @@ def train_teacher_prompts(teacher: PromptedCLIP, splits, out_dir, cfg: CLIPTrain
     if cfg.stage != "teacher": raise ValueError("train_teacher_prompts needs a config with stage='teacher'")
     return fit_clip(cfg, teacher, splits, out_dir, progress=progress)
 
+def weights_note(datasets: Sequence[str], methods: Sequence[str]) -> str:
+    "One clause per method: CE weight, λ per dataset, T, α, β and the normalisation (from method_recipe)."
+    out = []
+    for method in methods:
+        rs = [method_recipe(ds, method) for ds in datasets]
+        lam = ", ".join(f"{dataset_spec(ds).title} {r['kd_weight']:g}" for ds, r in zip(datasets, rs))
+        label = recipe_label(dict(loss_params={k: v for k, v in rs[0]["loss_params"].items() if k not in ("alpha", "beta")},
+                                  method=rs[0]["loss"], kd_weight=0)).replace("λ=0, ", "")
+        ab = (", α, β of Table 6" if METHODS[method].ab else
+              f", α={rs[0]['loss_params']['alpha']:g}, β={rs[0]['loss_params']['beta']:g}" if "alpha" in rs[0]["loss_params"] else "")
+        out.append(f"{METHOD_LABELS[method]}: {label.replace(', ÷', ab + ', ÷')}, λ {lam}")
+    return "; ".join(out)
+
 def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list[Path]:
     "The smoke reproduction: stand-in datasets, tiny CLIPs, teacher prompts, every method × seed, the table."
     root = Path(out_dir) / "clip"
@@ -262,7 +311,7 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
             "the backbones were pretrained here on a separate draw of stand-in images of every class (a stand-in for CLIP's "
             "web pretraining), then frozen. Each stand-in borrows the settings of the dataset it is named after (Table 6's "
             "α, β; PromptKD's λ, the fallback: no λ search at this scale). The paper's numbers are ViT-L/14 → ViT-B/16 "
-            "on the real datasets.")
+            f"on the real datasets. Weights — {weights_note(smoke['datasets'], smoke['methods'])}.")
     return written + [write_markdown(root / "table.md", "CLIP base-to-new (smoke)", note,
                                      results_table(load_records(root / "records")))]
 
@@ -302,8 +351,8 @@ def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequen
                     kd_weight=PAPER["kd_weight"], kd_weight_grid: Sequence[float] = PAPER["kd_weight_grid"],
                     **overrides) -> list[Path]:
     """Every dataset × method × seed at the paper's scale (`overrides`: CLIPTrainConfig fields); records and the table.
-    kd_weight: "select" (λ chosen per dataset and method on base-class validation, first seed), "official" (PromptKD's
-    per-dataset weight) or a number."""
+    kd_weight: "select" (λ chosen per dataset and method on base-class validation, first seed; a control takes its
+    parent's λ), "official" (PromptKD's per-dataset weight) or a number."""
     if not (kd_weight in ("select", "official") or isinstance(kd_weight, (int, float))):
         raise ValueError(f"kd_weight must be 'select', 'official' or a number, got {kd_weight!r}")
     root = Path(out_dir) / "clip"
@@ -319,13 +368,21 @@ def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequen
                 train_teacher_prompts(teacher, splits, root / "teachers" / ds,
                                       CLIPTrainConfig(dataset=ds, stage="teacher", **overrides), progress)
             else: load_teacher_prompts(teacher, teacher_prompt_path(teachers_dir, dataset_spec(ds).teacher))
+        selected = {}
+        def select(method):
+            "(λ, scores) of `method` on this dataset, chosen once on base-class validation."
+            if method not in selected:
+                selected[method] = select_kd_weight(ds, method, make_student, teacher, splits,
+                                                    root / "selection" / ds / method, kd_weight_grid, seeds[0],
+                                                    progress, **overrides)
+            return selected[method]
         for method in methods:
-            known_method(method)
+            parent = known_method(method).control_of          # a control runs at its parent's selected λ
             w, extra = (None if kd_weight == "official" else kd_weight), dict(scale="paper")
             if kd_weight == "select":
-                w, scores = select_kd_weight(ds, method, make_student, teacher, splits, root / "selection" / ds / method,
-                                             kd_weight_grid, seeds[0], progress, **overrides)
+                w, scores = select(parent or method)
                 extra["kd_weight_scores"] = {f"{k:g}": v for k, v in scores.items()}
+                if parent: extra["kd_weight_from"] = parent
             for seed in seeds:
                 cfg = method_config(ds, method, seed, kd_weight=w, **overrides)
                 extra["recipe"] = method_recipe(ds, method, w)

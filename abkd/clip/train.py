@@ -36,6 +36,7 @@ class CLIPTrainConfig:
     dataset: str = "dtd"
     stage: str = "kd"                        # "kd" (student) or "teacher" (CE on few-shot base classes)
     method: str = "kd"                       # kd: a name of abkd.vision_losses
+    recipe_name: Optional[str] = None        # the recipe's name when several share a loss (e.g. a control); None: method
     loss_params: dict = field(default_factory=dict)
     kd_weight: Optional[float] = None        # None: the dataset's PromptKD weight
     labels: str = "teacher"                  # target class of DKD-type losses: "teacher" (argmax) or "ground_truth"
@@ -48,7 +49,7 @@ class CLIPTrainConfig:
     warmup_lr: float = 1e-5
     image_size: int = 224
     seed: int = 1
-    amp: bool = True                         # bf16 autocast on CUDA
+    amp: bool = False                        # False: float32 (the official PREC "fp32"); True: bf16 autocast on CUDA
     num_workers: int = 0
 
     def __post_init__(self):
@@ -68,6 +69,9 @@ class CLIPTrainConfig:
         check_interval(self.momentum, "momentum", 0, 1, hi_open=True)
         if self.kd_weight is not None: NON_NEGATIVE(self.kd_weight, "kd_weight")
         check_flag(self.amp, "amp")
+        if self.recipe_name is not None and not (isinstance(self.recipe_name, str) and self.recipe_name.isidentifier()):
+            raise ValueError(f"recipe_name must be None or a name of letters, digits and '_' (it names record files), "
+                             f"e.g. 'fkl_at_abkd_weights', got {self.recipe_name!r}")
         if self.labels not in TARGET_LABELS:
             raise ValueError(f"labels must be one of {', '.join(map(repr, TARGET_LABELS))}, got {self.labels!r}")
 
@@ -76,13 +80,18 @@ class CLIPTrainConfig:
         "The KD weight used: the configured one or the dataset's PromptKD weight."
         return dataset_spec(self.dataset).kd_weight if self.kd_weight is None else self.kd_weight
 
+    @property
+    def name(self) -> str:
+        "The run's name in records and tables: recipe_name, else the loss (method)."
+        return self.recipe_name or self.method
+
     def to_dict(self) -> dict: return dataclasses.asdict(self)
 
 # %% ../../nbs/20_clip_train.ipynb #98b1a19c
 def epoch_lr(cfg: CLIPTrainConfig, epoch: int) -> float:
-    "The learning rate of epoch `epoch` (0-based)."
+    "The learning rate of epoch `epoch` (0-based): Dassl's constant warm-up, then cosine counted from the warm-up's end."
     if epoch < cfg.warmup_epochs: return cfg.warmup_lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
 
 # %% ../../nbs/20_clip_train.ipynb #af297e1d
 def make_objective(cfg: CLIPTrainConfig) -> nn.Module:
