@@ -84,12 +84,14 @@ def seed_everything(seed: int, loader_generator: Optional[torch.Generator] = Non
     random.seed(seed)
     if loader_generator is not None: loader_generator.manual_seed(seed)
 
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, **loader_kwargs) -> torch.utils.data.DataLoader:
-    "The shuffled training loader of `epoch`, every random stream seeded from (seed, epoch) first."
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, drop_last: bool = False,
+                 **loader_kwargs) -> torch.utils.data.DataLoader:
+    """The shuffled training loader of `epoch`, every random stream seeded from (seed, epoch) first.
+    `drop_last` is kept only when the set holds a full batch (Dassl's rule), so a tiny set still trains."""
     generator = torch.Generator()
     seed_everything(epoch_seed(seed, epoch), generator)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                                       drop_last=False, **loader_kwargs)
+                                       drop_last=drop_last and len(dataset) >= batch_size, **loader_kwargs)
 
 # %% ../nbs/10_training.ipynb #879f1e46
 def epochs_to_run(done: int, total: int, stop_after: Optional[int] = None) -> range:

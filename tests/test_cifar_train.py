@@ -129,3 +129,18 @@ def test_two_process_ddp_run(tmp_path):
     assert res["n"] == 2 and res["epochs"] == TOY.epochs
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 
+
+
+def test_train_epoch_drops_the_last_partial_batch_and_gives_dkd_the_1_based_epoch():
+    from abkd.cifar.train import train_epoch
+    from abkd.training import epoch_loader
+    seen = []
+    class Recorder(nn.Module):                           # a KD objective that records what the trainer passes it
+        def total(self, s, t, y, epoch=None):
+            seen.append((len(y), epoch))
+            return nn.functional.cross_entropy(s, y)
+    model, teacher = toy_model(), toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = epoch_loader(DATA["train"], 32, 0, 0, drop_last=True)           # 80 = 2·32 + 16: the 16 are dropped
+    train_epoch(model, loader, Recorder(), opt, torch.device("cpu"), 2, teacher=teacher, amp=False, progress=False)
+    assert seen == [(32, 3), (32, 3)]                   # the 0-based epoch 2 is DKD's epoch 3 at every step

@@ -53,6 +53,13 @@ def test_epoch_loader_repeats_an_epoch_exactly():
     assert sorted(order(1, 2).round().int().tolist()) == list(range(12))          # a shuffle, nothing dropped
 
 
+def test_epoch_loader_drop_last_keeps_only_full_batches():
+    batches = lambda size, drop: [len(b) for b in epoch_loader(Jitter(), size, 0, 0, drop_last=drop)]
+    assert batches(5, True) == [5, 5]                     # 12 items: the last 2 dropped, as the official loaders do
+    assert batches(5, False) == [5, 5, 2]
+    assert batches(20, True) == [12]                      # a set smaller than one batch still trains (Dassl's rule)
+
+
 def test_epochs_to_run():
     assert list(epochs_to_run(0, 5)) == [0, 1, 2, 3, 4]
     assert list(epochs_to_run(2, 5, 2)) == [2, 3]

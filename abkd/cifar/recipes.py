@@ -300,12 +300,11 @@ def _conflicts() -> tuple:
                  "available as an override (amp=True)"),
         dict(topic="DKD warm-up clock", paper="DKD's own (mdistiller: min(epoch/20, 1))",
              official="min(epoch/20, 1) with the 1-based integer epoch (distiller_zoo/dkd.py, helper/loops.py): "
-                      "0.05 in the first epoch, 1 from epoch 20", follow="a deviation: the fractional 0-based epoch "
-             "(epoch + step/steps, abkd.cifar.train), rising from 0 to 1 over the first 20 epochs",
-             why="a smooth ramp; its factor is at most 1/20 below the official's, in the first 20 of 240 epochs only"),
+                      "0.05 in the first epoch, 1 from epoch 20", follow="the official: the 1-based integer epoch (abkd.cifar.train.train_epoch)",
+             why="the clock the published DKD and ABDKD numbers were trained with"),
         dict(topic="last partial batch", paper="silent", official="drop_last=True (dataset/cifar100.py)",
-             follow="a deviation: drop_last=False (abkd.training.epoch_loader): the last 50000 mod 64 = 16 images "
-                    "of each epoch form a batch", why="one step in 782 per epoch, every image seen each epoch"),
+             follow="the official: drop_last=True (abkd.training.epoch_loader; kept only when the set holds a full batch)",
+             why="the official step count (781 per epoch); a set smaller than one batch still trains"),
         dict(topic="Table 13 teachers resnet32, resnet44", paper="trained alone (Table 13's Teacher column: "
              + ", ".join(f"{r.split(' → ')[0]} {v['Teacher']:g}" for r, v in paper_table(13)["rows"].items()) + ")",
              official="not released (the teachers archive has resnet56, resnet110, resnet32x4, wrn_40_2, vgg13, "

@@ -109,10 +109,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
 def train_epoch(model: nn.Module, loader, objective: nn.Module, optimizer, device: torch.device, epoch: int,
                 teacher: Optional[nn.Module] = None, amp: bool = True, progress: bool = True,
                 accelerator=None) -> dict:
-    "One pass over `loader`: returns mean loss and training accuracy. DKD's warm-up reads the fractional epoch."
+    "One pass over `loader`: returns mean loss and training accuracy. DKD's warm-up reads the 1-based epoch (the official clock)."
     model.train()
     run = Processes(accelerator, device)
-    total_loss, correct, seen, steps = 0.0, 0, 0, len(loader)
+    total_loss, correct, seen = 0.0, 0, 0
     bar = progress_bar(loader, f"epoch {epoch + 1}", progress)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -121,7 +121,7 @@ def train_epoch(model: nn.Module, loader, objective: nn.Module, optimizer, devic
             if teacher is None: loss = objective(logits.float(), y)
             else:
                 with torch.no_grad(): t_logits = teacher(x)
-                loss = objective.total(logits.float(), t_logits.float(), y, epoch=epoch + step / steps)
+                loss = objective.total(logits.float(), t_logits.float(), y, epoch=epoch + 1)
         check_finite(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         run.backward(loss)
@@ -173,7 +173,7 @@ def fit(cfg: TrainConfig, model: nn.Module, datasets: dict, out_dir, teacher: Op
     t0 = time.perf_counter()
     for epoch in epochs_to_run(start, cfg.epochs, stop_after):
         train_loader = run.shard(epoch_loader(datasets["train"], cfg.batch_size, cfg.seed, epoch,   # sharded: DDP
-                                              num_workers=num_workers, pin_memory=device.type == "cuda"))
+                                              drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda"))
         stats = train_epoch(model, train_loader, objective, optimizer, device, epoch, teacher, cfg.amp,
                             progress and run.main, accelerator)
         stats["lr"] = optimizer.param_groups[0]["lr"]

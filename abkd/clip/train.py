@@ -244,7 +244,7 @@ def fit_clip(cfg: CLIPTrainConfig, model: nn.Module, splits: BaseNewSplits, out_
     dataset = ImageList(items, clip_transform(cfg.image_size, train=True))
     t0 = time.time()
     for epoch in epochs_to_run(state["epoch"], cfg.epochs, stop_after):
-        loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, num_workers=cfg.num_workers)
+        loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, drop_last=True, num_workers=cfg.num_workers)
         for group in optimizer.param_groups: group["lr"] = epoch_lr(cfg, epoch)
         loss = _train_epoch(cfg, model, loader, optimizer, splits, epoch, device, teacher, g_teacher, loss_fn, progress)
         state["history"].append(dict(epoch=epoch + 1, loss=loss, lr=epoch_lr(cfg, epoch)))
