@@ -23,6 +23,9 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 # The experiment pipelines use these; they are optional for the loss core.
 experiments = ['torchvision>=0.19', 'transformers>=4.45', 'datasets>=2.20', 'accelerate>=0.34',
                'tokenizers>=0.19', 'rouge-score>=0.1.2']
+# abkd.integrations: TRL's distillation trainers (experimental import paths, removed in TRL 2) and PEFT adapters.
+trl = ['trl>=1.16,<2']
+peft = ['peft>=0.13']
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -37,7 +40,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={'abkd': ['data/*.json']},
     install_requires=requirements,
-    extras_require={'experiments': experiments, 'dev': experiments + dev_requirements},
+    extras_require={'experiments': experiments, 'trl': trl, 'peft': peft, 'dev': experiments + trl + peft + dev_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
