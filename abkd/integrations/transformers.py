@@ -16,12 +16,12 @@ from ..divergence import align_next_token, as_real, check_hyperparameters
 from ..core import ab_divergence_from_hidden
 from ..losses import LOSSES, VOCAB_POLICIES, get_loss, match_vocab
 from ..mass_concentration import concentration_stats
-from ..llm.train import monitor_rows
+from ..llm.train import check_head, monitor_rows
 
 
 # %% auto #0
 __all__ = ['vocab_size_of', 'check_vocabularies', 'freeze_teacher', 'make_token_loss', 'monitor_alpha_beta',
-           'check_trainer_options', 'base_lm', 'decoder_of', 'hidden_through_wrapper', 'check_head', 'ABKDTrainer']
+           'check_trainer_options', 'base_lm', 'decoder_of', 'hidden_through_wrapper', 'ABKDTrainer']
 
 # %% ../../nbs/33_integrations_transformers.ipynb #a90df4c0
 def vocab_size_of(model: nn.Module) -> Optional[int]:
@@ -126,17 +126,6 @@ def hidden_through_wrapper(model: nn.Module, inputs: dict) -> tuple[Tensor, obje
     finally: handle.remove()
     return caught[-1], outputs
 
-@torch.no_grad()
-def check_head(head: nn.Module, hidden_last: Tensor, logits_last: Tensor) -> None:
-    """Refuse a student whose logits are not its output layer applied to its last hidden state (a scale, a softcap);
-    call it in the autocast region of the forward (a bf16/fp16 head gets a bf16 tolerance)."""
-    mine = head(hidden_last)
-    gap = float((mine.float() - logits_last.float()).abs().max())
-    tol = (1e-4 if mine.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(logits_last.abs().max()))
-    if not gap <= tol:
-        raise ValueError(f"fused=True: the student's logits differ from its output layer applied to its last hidden "
-                         f"state by up to {gap:.3g} (tolerance {tol:.3g}): the model scales or caps its logits after "
-                         "the head; set fused=False")
 
 
 # %% ../../nbs/33_integrations_transformers.ipynb #69a69f01
@@ -213,7 +202,7 @@ class ABKDTrainer(transformers.Trainer):
             keep = F.pad(mask, (0, 1), value=False)       # position i kept iff label i + 1 carries a loss
             with self.accelerator.autocast():             # the head's chunks in the mixed precision of the forward
                 if not self._head_checked:
-                    check_head(head, hidden[:, -1], outputs.logits[:, -1]); self._head_checked = True
+                    check_head(head, hidden[:, -1], outputs.logits[:, -1], option="fused"); self._head_checked = True
                 kd = ab_divergence_from_hidden(hidden, head, t, self.token_loss.hyper["alpha"],
                                                self.token_loss.hyper["beta"], temperature=self.token_loss.temperature,
                                                mask=keep, reduction="sum") if keep.any() else hidden.sum() * 0.0

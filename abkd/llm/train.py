@@ -21,9 +21,10 @@ from ..training import (
 
 # %% auto #0
 __all__ = ['TEACHER_DTYPES', 'FIELD_CHECKS', 'NO_DECAY', 'LLMTrainConfig', 'official_loss_weights', 'micro_batch_loss',
-           'lm_micro_batch_loss', 'make_kd_loss', 'output_head', 'fused_micro_batch_loss', 'prompt_lengths',
-           'sample_from_student', 'update_gen_prob', 'ReplayBuffer', 'monitor_rows', 'monitor_stats', 'validation_loss',
-           'selection_rule', 'lm_term', 'load_trained', 'optimizer_param_groups', 'CorpusStream', 'fit_llm']
+           'lm_micro_batch_loss', 'make_kd_loss', 'output_head', 'check_head', 'fused_micro_batch_loss',
+           'prompt_lengths', 'sample_from_student', 'update_gen_prob', 'ReplayBuffer', 'monitor_rows', 'monitor_stats',
+           'validation_loss', 'selection_rule', 'lm_term', 'load_trained', 'optimizer_param_groups', 'CorpusStream',
+           'fit_llm']
 
 # %% ../../nbs/23_llm_train.ipynb #654fe796
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
@@ -176,17 +177,20 @@ def _student_hidden(model: nn.Module, ids: Tensor, attention_mask: Tensor) -> tu
                         f"model does not take ({e}); set fused_loss=False") from e
     return out.hidden_states[-1], out.logits[:, -1]
 
-def _check_head(head: Union[Tensor, nn.Module], hidden_last: Tensor, logits_last: Tensor) -> None:
-    "Refuse a model whose logits are not `head` applied to its last hidden state (a bias, scale, softcap, adapter)."
+def check_head(head: Union[Tensor, nn.Module], hidden_last: Tensor, logits_last: Tensor,
+               option: str = "fused_loss") -> None:
+    """Refuse a model whose logits are not `head` applied to its last hidden state (a scale, softcap or adapter after
+    the head). Call it where the forward ran (inside autocast): a bf16/fp16 head output gets a bf16 tolerance.
+    `option` names the flag the error tells the user to turn off."""
     with torch.no_grad():
-        theirs = logits_last.float()
-        gap = float((_head_logits(head, hidden_last).float() - theirs).abs().max())
-        rel = 1e-4 if hidden_last.dtype in (torch.float32, torch.float64) else 3e-2
+        mine, theirs = _head_logits(head, hidden_last), logits_last.float()
+        gap = float((mine.float() - theirs).abs().max())
+        rel = 1e-4 if mine.dtype in (torch.float32, torch.float64) else 3e-2
         tol = rel * max(1.0, float(theirs.abs().max()))
     if not gap <= tol:
-        raise ValueError(f"fused_loss=True: the model's logits differ from its output head applied to its last hidden "
+        raise ValueError(f"{option}=True: the model's logits differ from its output head applied to its last hidden "
                          f"state by up to {gap:.3g} (tolerance {tol:.3g}): the model scales, caps or adapts its "
-                         "logits after the head, which the head's weight does not carry; set fused_loss=False")
+                         f"logits after the head, which the head's weight does not carry; set {option}=False")
 
 def fused_micro_batch_loss(cfg: LLMTrainConfig, hidden: Tensor, head: Union[Tensor, nn.Module], labels: Tensor,
                            n_tokens: float, teacher_logits: Tensor, kd_loss: nn.Module) -> Tensor:
@@ -417,7 +421,7 @@ def _accumulate(cfg: LLMTrainConfig, run: Processes, model: nn.Module, head, tea
         ids, labels, attn = (b[k].to(run.device) for k in ("input_ids", "labels", "attention_mask"))
         if cfg.fused_loss:
             student, last_logits = _student_hidden(model, ids, attn)
-            _check_head(head, student[:, -1], last_logits)
+            check_head(head, student[:, -1], last_logits)
         else: student = model(ids, attention_mask=attn).logits
         t_logits = teacher(ids, attention_mask=attn).logits if teacher is not None else None
         loss = (fused_micro_batch_loss(cfg, student, head, labels, n_tok, t_logits, kd_loss) if cfg.fused_loss
