@@ -25,6 +25,7 @@ experiments = ['torchvision>=0.19', 'transformers>=4.45', 'datasets>=2.20', 'acc
                'tokenizers>=0.19', 'rouge-score>=0.1.2']
 # abkd.integrations: TRL's distillation trainers (experimental import paths, removed in TRL 2) and PEFT adapters.
 trl = ['trl>=1.16,<2']
+transformers = ['transformers>=5.24,<6', 'accelerate>=1.15']     # ABKDTrainer relies on Trainer internals of 5.x
 peft = ['peft>=0.13']
 
 setuptools.setup(
@@ -40,7 +41,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={'abkd': ['data/*.json']},
     install_requires=requirements,
-    extras_require={'experiments': experiments, 'trl': trl, 'peft': peft, 'dev': experiments + trl + peft + dev_requirements},
+    extras_require={'experiments': experiments, 'transformers': transformers, 'trl': trl, 'peft': peft,
+                    'dev': experiments + transformers + trl + peft + dev_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
