@@ -17,9 +17,9 @@ from .results import SCALES
 from .training import CHECKPOINT, DataNotFoundError
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'Experiment', 'images_module',
-           'add_distill_parser', 'run_distill_images', 'build_parser', 'run_experiment', 'main', 'OutputDirError',
-           'check_output_dir', 'last_checkpoint', 'interrupted_message', 'report_error']
+__all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'real_images_module', 'Experiment',
+           'images_module', 'add_distill_parser', 'run_distill_images', 'build_parser', 'run_experiment', 'main',
+           'OutputDirError', 'check_output_dir', 'last_checkpoint', 'interrupted_message', 'report_error']
 
 # %% ../nbs/29_cli.ipynb #0b1b1f1e
 def theory_module() -> ModuleType:
@@ -38,6 +38,10 @@ def llm_module() -> ModuleType:
     from abkd.llm import experiment
     return experiment
 
+def real_images_module() -> ModuleType:
+    from abkd.studies import real_images      # torchvision and Fashion-MNIST: imported when it runs
+    return real_images
+
 @dataclass(frozen=True)
 class Experiment:
     "An experiment module (with SMOKE, PAPER and reproduce(out_dir, scale)) registered under a short name."
@@ -55,6 +59,10 @@ EXPERIMENTS = {e.name: e for e in [
                "ViT-L/14 -> ViT-B/16)"),
     Experiment("llm", llm_module, "GPT-2 instruction following: SFT, KD with fkl/rkl/ab, ROUGE-L on five test "
                "sets over five seeds (smoke: synthetic tasks, tiny GPT-2s; paper: GPT-2 XL -> GPT-2 on Dolly)"),
+    Experiment("real-images", real_images_module, "Study A, real images: Fashion-MNIST through `abkd distill "
+               "images`, resnet20 -> resnet8, CE/KD/FKL/RKL/ABKD/DKD/ABDKD over seeds 0-2, paired AB - parent 95% "
+               "intervals (smoke: the reduced study, 200 images/class, 3 epochs; paper: the full study, 500/class, "
+               "8 epochs, on the CPU)"),
 ]}
 
 # %% ../nbs/29_cli.ipynb #bbac441a

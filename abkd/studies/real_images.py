@@ -62,7 +62,8 @@ def resolve_scale(scale: Union[str, RealImagesScale]) -> RealImagesScale:
     "A RealImagesScale, or one of the names reduced/full (smoke/paper: the CLI's names for them)."
     if isinstance(scale, RealImagesScale): return scale
     if scale not in SCALE_NAMES:
-        raise ValueError(f"scale must be one of {sorted(SCALE_NAMES)} (or a RealImagesScale), got {scale!r}")
+        raise ValueError(f"scale must be 'smoke' or 'paper' (the CLI's names; here also 'reduced' or 'full', or a "
+                         f"RealImagesScale), got {scale!r}")
     return SCALES[SCALE_NAMES[scale]]
 
 def study_run(scale: RealImagesScale, data_dir) -> DistillRun:
