@@ -292,3 +292,35 @@ def test_evaluate_rouge_end_to_end(tok, model):
     assert res["per_seed"] == again["per_seed"]
     assert all(0.0 <= v <= 100.0 for v in res["per_seed"].values())
     json.dumps(res)
+
+
+# ---------------------------------------------------------------- teacher outputs (SeqKD's data)
+def test_teacher_outputs_are_the_teachers_forced_samples(tok, model):
+    "With the teacher's head forced to emit 'cat' then EOS, every example's output becomes exactly 'cat'."
+    from abkd.llm.data import InstructionExample
+    from abkd.llm.eval import teacher_outputs
+    cat = tok.encode("cat")
+    assert len(cat) == 1
+    handle, _ = force_tokens(model, [cat[0], tok.eos_token_id])
+    train = [InstructionExample("Name an animal.", "", "A dog."), InstructionExample("Sort.", "b a", "a b")]
+    try: out = teacher_outputs(model, tok, train, seed=10, max_prompt_len=32, max_len=40)
+    finally: handle.remove()
+    assert [e.output for e in out] == ["cat", "cat"] and [e.references for e in out] == [["cat"], ["cat"]]
+    assert [(e.instruction, e.input) for e in out] == [("Name an animal.", ""), ("Sort.", "b a")]
+    assert [e.output for e in train] == ["A dog.", "a b"]                      # the inputs are not modified
+
+
+def test_teacher_outputs_seeded_batch_independent_and_errors(tok, model):
+    from abkd.llm.data import InstructionExample
+    from abkd.llm.eval import teacher_outputs
+    train = [InstructionExample(f"Say {w}.", "", w) for w in ("hi", "cat", "dog", "mat")]
+    kw = dict(max_prompt_len=32, max_len=48)
+    a = [e.output for e in teacher_outputs(model, tok, train, seed=10, batch_size=1, **kw)]
+    b = [e.output for e in teacher_outputs(model, tok, train, seed=10, batch_size=4, **kw)]
+    c = [e.output for e in teacher_outputs(model, tok, train, seed=20, batch_size=4, **kw)]
+    assert a == b and a != c
+    assert a == generate_responses(model, tok, [e.prompt for e in train], 10, no_repeat_ngram_size=0, **kw)
+    with pytest.raises(ValueError, match="takes InstructionExample records"):
+        teacher_outputs(model, tok, [{"instruction": "x", "output": "y"}])
+    with pytest.raises(ValueError, match="no examples"):
+        teacher_outputs(model, tok, [])
