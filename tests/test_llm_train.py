@@ -1,7 +1,9 @@
 """The LLM trainer: token normalisation under gradient accumulation (micro 8 × accum 4 = micro 32 × accum 1), the
 official loss combination with an LM term on a pre-training corpus, AdamW's weight-decay groups, exact resume,
 student-generated outputs, selection (or none without a validation set), the subsampled monitor with vocabulary
-mapping, the fused loss, PEFT LoRA students and `load_trained`, and bad inputs — on tiny random GPT-2s and LLaMAs."""
+mapping, the fused loss, PEFT LoRA students and `load_trained`, max_steps with step-level evaluation and exact
+mid-epoch resume, a user optimizer and scheduler, bf16/fp16 student mixed precision, gradient checkpointing, and bad
+inputs — on tiny random GPT-2s and LLaMAs."""
 import math
 import pytest
 import torch
@@ -574,3 +576,322 @@ def test_lora_student_built_in_memory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="base model has no name or path.*from_pretrained"):
         fit_llm(LLMTrainConfig(mode="sft", epochs=1, micro_batch_size=4), lora(gpt(0), ["c_attn"]), rows(4, 0),
                 None, collate, tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------------ max_steps, step-level evaluation, resume
+def dropout_gpt(seed):
+    "A tiny GPT-2 with dropout on: a resumed run repeats the uninterrupted one only if the random streams are restored."
+    config = gpt(seed).config
+    config.resid_pdrop = config.attn_pdrop = 0.1
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+class LrTrace(torch.optim.AdamW):
+    "AdamW recording its learning rate at every step."
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs); self.trace = []
+    def step(self, closure=None):
+        self.trace.append(self.param_groups[0]["lr"]); return super().step(closure)
+
+
+def _weights_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_max_steps_overrides_epochs_and_sets_the_schedule(tmp_path):
+    "20 examples / micro-batch 4 = 5 steps an epoch; max_steps=7: 2 epochs, the second cut at 2 steps."
+    train, val = varied_rows(20, 0), varied_rows(6, 1)
+    base = dict(micro_batch_size=4, lr=3e-3, warmup_steps=2, monitor_every=0)
+    opts = []
+    factory = lambda groups: opts.append(LrTrace(groups, lr=3e-3)) or opts[-1]
+    res = fit_llm(LLMTrainConfig(**base, epochs=9, max_steps=7), gpt(0), train, val, collate, tmp_path / "m",
+                  teacher=gpt(1, 3), progress=False, optimizer_factory=factory)
+    want = [3e-3 * (k + 1) / 2 if k < 2 else 3e-3 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 5)) for k in range(7)]
+    assert opts[0].trace == pytest.approx(want, rel=1e-12, abs=0)
+    assert res["steps"] == dict(done=7, total=7, per_epoch=5, epochs=2) and res["finished"]
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]
+    assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=False)["scheduler"]["last_epoch"] == 7
+    # max_steps = epochs × steps per epoch is the epochs run, bit for bit
+    a, b = gpt(0), gpt(0)
+    ra = fit_llm(LLMTrainConfig(**base, epochs=2), a, train, val, collate, tmp_path / "e", teacher=gpt(1, 3),
+                 progress=False)
+    rb = fit_llm(LLMTrainConfig(**base, epochs=5, max_steps=10), b, train, val, collate, tmp_path / "s",
+                 teacher=gpt(1, 3), progress=False)
+    assert _weights_equal(a, b) and [e["val_loss"] for e in ra["epochs"]] == [e["val_loss"] for e in rb["epochs"]]
+
+
+def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    """Dropout on, student outputs on half of the steps, a corpus LM term, the monitor and step-level evaluation:
+    stopped at step 2 (mid-epoch), at 5 (an epoch's end), at 6 (mid-epoch), then run to 7 — equal to one call."""
+    train, val, corpus = varied_rows(20, 0), varied_rows(6, 1), corpus_rows(9, 10, 2)
+    cfg = LLMTrainConfig(max_steps=7, micro_batch_size=4, lr=3e-3, lm_weight=0.5, student_gen="mixed",
+                         student_gen_ratio=0.5, monitor_every=2, eval_every=3)
+    run = lambda model, d, **kw: fit_llm(cfg, model, train, val, collate, tmp_path / d, teacher=gpt(1, 3),
+                                         progress=False, lm_set=corpus, **kw)
+    full_model = dropout_gpt(0)
+    full = run(full_model, "full")
+    for n in (2, 3, 1):
+        part = run(dropout_gpt(0), "parts", stop_after_steps=n)
+        assert not part["finished"]
+    assert part["steps"]["done"] == 6
+    resumed_model = dropout_gpt(0)
+    resumed = run(resumed_model, "parts")
+    assert resumed["finished"] and _weights_equal(full_model, resumed_model)
+    assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
+    assert any(h["gen_prob"] is not None for h in full["epochs"])
+    # the control: without restoring the random streams mid-epoch the resumed run differs (dropout)
+    run(dropout_gpt(0), "control", stop_after_steps=2)
+    monkeypatch.setattr(T, "_set_rng_state", lambda *a, **k: None)
+    control_model = dropout_gpt(0)
+    run(control_model, "control")
+    assert not _weights_equal(full_model, control_model)
+
+
+def test_save_every_resumes_after_a_crash(tmp_path):
+    "A run that dies at step 4 resumes from its step-3 checkpoint (save_every=3) and ends as the uninterrupted run."
+    train = varied_rows(24, 0)
+    cfg = LLMTrainConfig(max_steps=5, micro_batch_size=4, lr=3e-3, save_every=3, monitor_every=0)
+    class Crash(torch.nn.Module):
+        def __init__(self, at): super().__init__(); self.loss, self.calls, self.at = make_kd_loss(cfg), 0, at
+        def forward(self, s, t, mask=None):
+            self.calls += 1
+            if self.calls == self.at: raise RuntimeError("preempted")
+            return self.loss(s, t, mask=mask)
+    full_model = dropout_gpt(0)
+    fit_llm(cfg, full_model, train, None, collate, tmp_path / "a", teacher=gpt(1, 3), progress=False,
+            kd_loss=Crash(0))
+    with pytest.raises(RuntimeError, match="preempted"):
+        fit_llm(cfg, dropout_gpt(0), train, None, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False,
+                kd_loss=Crash(4))
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["state"]
+    assert (saved["step"], saved["epoch_step"]) == (3, 3) and "rng" in saved
+    resumed_model = dropout_gpt(0)
+    fit_llm(cfg, resumed_model, train, None, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False,
+            kd_loss=Crash(0))
+    assert _weights_equal(full_model, resumed_model)
+
+
+def test_step_level_evaluation_selects_the_best_step(tmp_path):
+    "eval_every=2 over 7 steps evaluates at steps 2, 4, 6 and 7; the best score's step is the one kept in out_dir/best."
+    train, val = varied_rows(20, 0), varied_rows(6, 1)
+    snapshots, scores = [], [0.1, 0.5, 0.3, 0.2]
+    def select_fn(model):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return scores[len(snapshots) - 1]
+    cfg = LLMTrainConfig(max_steps=7, micro_batch_size=4, lr=3e-3, eval_every=2, monitor_every=0)
+    res = fit_llm(cfg, gpt(0), train, val, collate, tmp_path, teacher=gpt(1, 3), progress=False, select_fn=select_fn)
+    assert [(e["epoch"], e["step"], e["score"]) for e in res["epochs"]] == [(1, 2, 0.1), (1, 4, 0.5), (2, 6, 0.3),
+                                                                            (2, 7, 0.2)]
+    assert all(isinstance(e["val_loss"], float) and e["lr"] > 0 for e in res["epochs"][:-1])
+    assert res["best"]["step"] == 4 and res["best"]["score"] == 0.5
+    assert res["selection"] == "highest select_fn(model) after every 2 optimizer steps"
+    kept = GPT2LMHeadModel.from_pretrained(tmp_path / "best").state_dict()
+    assert all(torch.equal(kept[k], snapshots[1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], snapshots[2][k]) for k in kept)
+    plain = fit_llm(LLMTrainConfig(max_steps=4, micro_batch_size=4, lr=3e-3, eval_every=2, monitor_every=0), gpt(0),
+                    train, val, collate, tmp_path / "v", teacher=gpt(1, 3), progress=False)
+    assert plain["best"]["step"] == min(plain["epochs"], key=lambda e: e["val_loss"])["step"]
+    with pytest.raises(ValueError, match="eval_every=2.*no val_set and no select_fn.*eval_every=0"):
+        fit_llm(cfg, gpt(0), train, None, collate, tmp_path / "n", teacher=gpt(1, 3), progress=False)
+    with pytest.raises(ValueError, match="stop_after_steps must be"):
+        fit_llm(cfg, gpt(0), train, val, collate, tmp_path / "n", teacher=gpt(1, 3), progress=False,
+                stop_after_steps=0)
+
+
+# ------------------------------------------------------------------------------ a user optimizer and scheduler
+def test_user_optimizer_and_scheduler(tmp_path):
+    """SGD (no momentum) with a StepLR halving the rate each step: the first update is −0.1·g with g the gradient of
+    ΣCE/N over the first step's batch computed here; three steps leave the rate at 0.1·0.5³; the checkpoint holds
+    SGD's and StepLR's state and a resume equals one call; another optimizer on resume is refused."""
+    from abkd.llm.train import default_optimizer_factory, default_scheduler_factory
+    from abkd.training import epoch_loader
+    train = varied_rows(24, 0)
+    cfg = LLMTrainConfig(mode="sft", max_steps=3, micro_batch_size=8, max_grad_norm=None)
+    sgd = lambda groups: torch.optim.SGD(groups, lr=0.1)
+    halving = lambda opt, total: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    one = fit_llm(LLMTrainConfig(mode="sft", max_steps=1, micro_batch_size=8, max_grad_norm=None), model := gpt(0),
+                  train, None, collate, tmp_path / "one", progress=False, optimizer_factory=sgd,
+                  scheduler_factory=halving)
+    assert one["optimizer"] == "torch.optim.sgd.SGD" and one["scheduler"] == "torch.optim.lr_scheduler.StepLR"
+    ref = gpt(0)
+    b = next(iter(epoch_loader(train, 8, cfg.seed, 0, collate_fn=collate)))
+    logits = ref(b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    lab = b["labels"][:, 1:]
+    (F.cross_entropy(logits.reshape(-1, 40), lab.reshape(-1), ignore_index=-100, reduction="sum") /
+     (lab != -100).sum()).backward()
+    for (n, p), (_, p0) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.detach(), (p0 - 0.1 * p0.grad).detach(), rtol=0, atol=1e-7, msg=n)
+    full_model = dropout_gpt(0)
+    fit_llm(cfg, full_model, train, None, collate, tmp_path / "a", progress=False, optimizer_factory=sgd,
+            scheduler_factory=halving)
+    saved = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    assert saved["scheduler"]["last_epoch"] == 3 and saved["optimizer"]["param_groups"][0]["lr"] == 0.1 * 0.5 ** 3
+    fit_llm(cfg, dropout_gpt(0), train, None, collate, tmp_path / "b", progress=False, optimizer_factory=sgd,
+            scheduler_factory=halving, stop_after_steps=1)
+    resumed_model = dropout_gpt(0)
+    fit_llm(cfg, resumed_model, train, None, collate, tmp_path / "b", progress=False, optimizer_factory=sgd,
+            scheduler_factory=halving)
+    assert _weights_equal(full_model, resumed_model)
+    with pytest.raises(ValueError, match="optimizer torch.optim.sgd.SGD, now torch.optim.adamw.AdamW.*optimizer_factory"):
+        fit_llm(cfg, gpt(0), train, None, collate, tmp_path / "b", progress=False, scheduler_factory=halving)
+    with pytest.raises(ValueError, match="scheduler torch.optim.lr_scheduler.StepLR.*scheduler_factory"):
+        fit_llm(cfg, gpt(0), train, None, collate, tmp_path / "b", progress=False, optimizer_factory=sgd)
+    # the defaults passed explicitly are the defaults, bit for bit
+    c = LLMTrainConfig(epochs=1, micro_batch_size=8, lr=3e-3, warmup_steps=1, weight_decay=0.1, monitor_every=0)
+    x, y = gpt(0), gpt(0)
+    fit_llm(c, x, train, None, collate, tmp_path / "x", teacher=gpt(1, 3), progress=False)
+    fit_llm(c, y, train, None, collate, tmp_path / "y", teacher=gpt(1, 3), progress=False,
+            optimizer_factory=default_optimizer_factory(c), scheduler_factory=default_scheduler_factory(c))
+    assert _weights_equal(x, y)
+
+
+def test_bad_optimizer_and_scheduler_factories(tmp_path):
+    cfg = LLMTrainConfig(mode="sft", max_steps=1, micro_batch_size=4)
+    fit = lambda d, **kw: fit_llm(cfg, gpt(0), rows(4, 0), None, collate, tmp_path / d, progress=False, **kw)
+    with pytest.raises(TypeError, match="optimizer_factory must return a torch.optim.Optimizer.*got list"):
+        fit("a", optimizer_factory=lambda groups: groups)
+    with pytest.raises(ValueError, match="optimizer_factory returned an optimizer over 1 tensors"):
+        fit("b", optimizer_factory=lambda groups: torch.optim.SGD(groups + [dict(params=[torch.zeros(2,
+                                                                             requires_grad=True)])], lr=0.1))
+    with pytest.raises(TypeError, match="scheduler_factory must return.*not ReduceLROnPlateau.*got ReduceLROnPlateau"):
+        fit("c", scheduler_factory=lambda opt, total: torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+
+
+# ------------------------------------------------------------------------------ mixed precision, gradient checkpointing
+def _dtypes_seen(model):
+    """Output dtypes of an MLP projection inside the body and of the output head in the training forwards (those that
+    build a graph: not validation, not the monitor, which forms its few rows' logits in float32)."""
+    seen = dict(body=set(), head=set())
+    record = lambda part: lambda m, i, o: seen[part].add(o.dtype) if torch.is_grad_enabled() else None
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(record("body"))
+    model.lm_head.register_forward_hook(record("head"))
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_student_on_the_cpu(tmp_path, fused):
+    """mixed_precision='bf16': the student's matmuls run in bf16 (body and head, fused path included), the run is
+    close to float32's; 'no' keeps float32."""
+    train, val = varied_rows(16, 0), varied_rows(6, 1)
+    out = {}
+    for mp in ("no", "bf16"):
+        model = gpt(0)
+        seen = _dtypes_seen(model)
+        cfg = LLMTrainConfig(max_steps=4, micro_batch_size=4, lr=3e-3, mixed_precision=mp, fused_loss=fused,
+                             monitor_every=1)
+        out[mp] = (fit_llm(cfg, model, train, val, collate, tmp_path / mp, teacher=gpt(1, 3), progress=False), seen)
+    (f32, seen32), (b16, seen16) = out["no"], out["bf16"]
+    assert seen32["body"] == {torch.float32} and seen16["body"] == {torch.bfloat16}
+    assert seen16["head"] == {torch.bfloat16}               # fused: the head's chunks inside the same autocast
+    assert b16["mixed_precision"] == "bf16"
+    assert b16["epochs"][-1]["val_loss"] == pytest.approx(f32["epochs"][-1]["val_loss"], rel=2e-2)
+    assert b16["epochs"][-1]["val_loss"] != f32["epochs"][-1]["val_loss"]
+    mons = [h["monitor"] for h in b16["history"] if "monitor" in h]
+    assert len(mons) == 4 and all(math.isfinite(v) for m in mons for v in m.values())
+
+
+def test_fp16_student_scales_gradients_and_resumes(tmp_path):
+    "mixed_precision='fp16': fp16 matmuls, a gradient scaler whose state is checkpointed and restored on resume."
+    train = varied_rows(20, 0)
+    cfg = LLMTrainConfig(max_steps=6, micro_batch_size=4, lr=3e-3, mixed_precision="fp16", monitor_every=0)
+    full_model = gpt(0)
+    seen = _dtypes_seen(full_model)
+    fit_llm(cfg, full_model, train, None, collate, tmp_path / "a", teacher=gpt(1, 3), progress=False)
+    assert seen["body"] == {torch.float16}
+    scaler = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 6            # six unskipped steps
+    fit_llm(cfg, gpt(0), train, None, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False, stop_after_steps=2)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["scaler"]["_growth_tracker"] == 2
+    resumed_model = gpt(0)
+    fit_llm(cfg, resumed_model, train, None, collate, tmp_path / "b", teacher=gpt(1, 3), progress=False)
+    assert _weights_equal(full_model, resumed_model)
+
+
+def test_mixed_precision_must_match_the_accelerator(tmp_path):
+    from types import SimpleNamespace
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1, mixed_precision="no")
+    with pytest.raises(ValueError, match="mixed_precision='bf16' but the accelerator.*Accelerator\\(mixed_precision"):
+        fit_llm(LLMTrainConfig(mixed_precision="bf16"), gpt(0), rows(4, 0), None, collate, tmp_path / "a",
+                teacher=gpt(1), accelerator=acc, progress=False)
+    assert not (tmp_path / "a").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    """gradient_checkpointing=True recomputes each block in backward (its forward runs twice per micro-batch) and
+    gives the gradients and the run of the model without it."""
+    train = varied_rows(16, 0)
+    cfg = LLMTrainConfig(micro_batch_size=4, grad_accum=2, kd_ratio=0.5, monitor_every=0)
+    grads, calls = {}, {}
+    for gc in (False, True):
+        model = gpt(0)
+        if gc: T.enable_gradient_checkpointing(model)
+        model.train()
+        count, mlp = [], model.transformer.h[1].mlp          # (the block's forward is checkpointed, not its hooks)
+        mlp.forward = lambda *a, _f=mlp.forward, **k: (count.append(1), _f(*a, **k))[1]
+        batches = [collate(train[i:i + 4]) for i in range(0, 8, 4)]
+        T._accumulate(cfg, Processes(None, "cpu"), model, None, gpt(1, 3).requires_grad_(False), batches,
+                      make_kd_loss(cfg))
+        grads[gc] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        calls[gc] = len(count)
+    assert (calls[False], calls[True]) == (2, 4)
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=1e-6 * grads[False].abs().max().item())
+    runs = {}
+    for gc in (False, True):
+        model = gpt(0)
+        r = fit_llm(LLMTrainConfig(max_steps=3, micro_batch_size=4, lr=3e-3, gradient_checkpointing=gc,
+                                   monitor_every=0), model, train, None, collate, tmp_path / str(gc),
+                    teacher=gpt(1, 3), progress=False)
+        runs[gc] = (model, r)
+    assert runs[True][0].is_activation_checkpointing and runs[True][1]["gradient_checkpointing"]
+    assert not runs[False][0].is_activation_checkpointing
+    gap = max((a - b).abs().max().item() for a, b in zip(runs[True][0].state_dict().values(),
+                                                          runs[False][0].state_dict().values()))
+    assert gap < 1e-6
+    plain = gpt(0)
+    plain.supports_gradient_checkpointing = False
+    with pytest.raises(ValueError, match="gradient_checkpointing=True needs.*set gradient_checkpointing=False"):
+        fit_llm(LLMTrainConfig(gradient_checkpointing=True), plain, rows(4, 0), None, collate, tmp_path / "x",
+                teacher=gpt(1), progress=False)
+
+
+def test_gradient_checkpointing_with_a_bf16_lora_student(tmp_path):
+    "A LoRA LLaMA student with checkpointing (non-reentrant: its frozen embeddings need no input grads) in bf16."
+    runs = {}
+    for gc in (False, True):
+        student = lora(tiny_llama_base(tmp_path / f"base{gc}"), ["q_proj", "v_proj"])
+        runs[gc] = fit_llm(LLMTrainConfig(max_steps=3, micro_batch_size=4, lr=5e-3, gradient_checkpointing=gc,
+                                          mixed_precision="bf16", monitor_every=0), student, varied_rows(16, 0),
+                           varied_rows(4, 1), collate, tmp_path / f"run{gc}", teacher=gpt(1, 3), progress=False)
+        assert student.get_base_model().is_activation_checkpointing == gc
+    assert runs[True]["epochs"][-1]["val_loss"] == pytest.approx(runs[False]["epochs"][-1]["val_loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ the new fields in the configuration
+NEW_BAD_CONFIGS = [
+    (dict(max_steps=0), "max_steps"), (dict(max_steps=2.0), "max_steps"), (dict(max_steps=True), "max_steps"),
+    (dict(eval_every=-1), "eval_every"), (dict(eval_every=1.5), "eval_every"), (dict(save_every=-2), "save_every"),
+    (dict(mixed_precision="fp8"), "mixed_precision"), (dict(mixed_precision=True), "mixed_precision"),
+    (dict(mixed_precision="bfloat16"), "mixed_precision"), (dict(gradient_checkpointing=1), "gradient_checkpointing"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", NEW_BAD_CONFIGS, ids=[repr(k) for k, _ in NEW_BAD_CONFIGS])
+def test_new_fields_bad_values_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be (None|an int|one of|True or False)"):
+        LLMTrainConfig(**kwargs)
+
+
+def test_new_fields_in_the_configuration_and_older_checkpoints(tmp_path):
+    "The new fields (defaults keep the epoch-based run) are part of to_dict, so a checkpoint of an older config is refused."
+    new = dict(max_steps=None, eval_every=0, save_every=0, mixed_precision="no", gradient_checkpointing=False)
+    d = LLMTrainConfig().to_dict()
+    assert {k: d[k] for k in new} == new
+    assert set(T.FIELD_CHECKS) >= set(new)
+    cfg = LLMTrainConfig(mode="sft", epochs=1, micro_batch_size=4)
+    fit_llm(cfg, gpt(0), rows(4, 0), None, collate, tmp_path, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    saved["config"] = {k: v for k, v in saved["config"].items() if k not in new}          # as an older version wrote
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="belongs to another configuration"):
+        fit_llm(cfg, gpt(0), rows(4, 0), None, collate, tmp_path, progress=False)
