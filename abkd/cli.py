@@ -14,12 +14,13 @@ from tqdm import tqdm
 
 import abkd
 from .results import SCALES
-from .training import CHECKPOINT, DataNotFoundError
+from .training import CHECKPOINT, DataNotFoundError, report_error
+from .distill_text import add_text_parser, run_text
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'real_images_module', 'Experiment',
            'images_module', 'add_distill_parser', 'run_distill_images', 'build_parser', 'run_experiment', 'main',
-           'OutputDirError', 'check_output_dir', 'last_checkpoint', 'interrupted_message', 'report_error']
+           'OutputDirError', 'check_output_dir', 'last_checkpoint', 'interrupted_message']
 
 # %% ../nbs/29_cli.ipynb #0b1b1f1e
 def theory_module() -> ModuleType:
@@ -148,6 +149,7 @@ def add_distill_parser(sub) -> None:
                    "(default: the pair itself, else one sharing the student, else the teacher, else resnet56,resnet20)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default: 0)")
+    add_text_parser(kinds)
 
 def run_distill_images(args, argv: list[str]) -> int:
     "`abkd distill images`: 0 done, 2 refused input, 130 interrupted."
@@ -189,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="abkd", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Knowledge distillation with the α-β divergence (ABKD): reproduce the project's results.",
         epilog=f"experiments:\n{experiments}\n\nexamples: abkd reproduce --only theory --out runs/theory\n"
-               "          abkd distill images --data DIR --teacher resnet56 --student resnet20 --out runs/mine")
+               "          abkd distill images --data DIR --teacher resnet56 --student resnet20 --out runs/mine\n"
+               "          abkd distill text --teacher DIR --student config.json --data train.jsonl --out runs/text")
     parser.add_argument("--version", action="version", version=f"abkd {abkd.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     rep = sub.add_parser("reproduce", help="run experiments and write records, tables and figures",
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `abkd` console script: 0 done, 2 bad arguments or a missing input, 130 interrupted."
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.command == "distill": return run_distill_images(args, argv)
+    if args.command == "distill":
+        return run_text(args, argv) if args.kind == "text" else run_distill_images(args, argv)
     try: check_output_dir(args.out)
     except OutputDirError as e: return report_error(e)
     written, name = {}, None
@@ -266,8 +270,4 @@ def interrupted_message(name: str, out: Path, argv: list[str], folder: Optional[
     return (f"abkd: interrupted during {name}; kept: finished runs and the last checkpoint {ckpt}; to resume, run the "
             f"same command: {again}")
 
-def report_error(message: str) -> int:
-    "Print `abkd: error: <message>` as one line on stderr; the exit status 2."
-    print("abkd: error: " + " ".join(str(message).split()), file=sys.stderr)
-    return 2
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .losses import LOSSES, VOCAB_POLICIES
 from .results import atomic_write_text, file_sha256, markdown_table, save_record, write_markdown
-from .training import DataNotFoundError, load_pretrained
+from .training import DataNotFoundError, load_pretrained, report_error
 from .llm.data import make_collate, read_examples, tokenize_examples
 
 # %% auto #0
@@ -23,7 +23,7 @@ __all__ = ['OPTION_WORDS', 'BYTES_FP32', 'ADAMW_BYTES', 'SETUP', 'RECORD', 'TABL
            'load_tokenizer', 'data_tokenizer', 'check_vocab_sizes', 'parameter_count', 'training_device',
            'available_memory', 'memory_needed', 'check_memory', 'check_out_folder', 'lora_targets', 'with_lora',
            'load_models', 'features', 'training_arguments', 'text_table', 'text_note', 'save_student', 'distill_text',
-           'add_text_parser', 'error_line', 'run_from_args', 'interrupted_line', 'run_text']
+           'add_text_parser', 'run_from_args', 'interrupted_line', 'run_text']
 
 # %% ../nbs/35_distill_text.ipynb #59689537
 class TextRunError(ValueError):
@@ -470,11 +470,6 @@ def add_text_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/35_distill_text.ipynb #a1d2433e
-def error_line(message) -> int:
-    "`abkd: error: <message>` as one line on stderr; the exit status 2 (argparse's for bad usage)."
-    print("abkd: error: " + " ".join(str(message).split()), file=sys.stderr)
-    return 2
-
 def run_from_args(args) -> TextRun:
     "The TextRun of parsed `abkd distill text` arguments (--alpha, --beta only with --loss ab)."
     given = [f"--{k}" for k in ("alpha", "beta") if getattr(args, k) is not None]
@@ -507,7 +502,7 @@ def run_text(args, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         result = distill_text(run_from_args(args), args.out)
-    except (TextRunError, DataNotFoundError) as e: return error_line(f"distill text: {e}")
+    except (TextRunError, DataNotFoundError) as e: return report_error(f"distill text: {e}")
     except KeyboardInterrupt:
         print(interrupted_line(Path(args.out).expanduser(), argv), file=sys.stderr)
         return 130

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['CHECKPOINT', 'resolve_device', 'mixed_precision', 'Processes', 'prepare_teacher', 'epoch_seed', 'seed_everything',
            'epoch_loader', 'epochs_to_run', 'progress_bar', 'progress_line', 'save_checkpoint', 'load_checkpoint',
-           'Checkpoint', 'checkpoint_epoch', 'resume_line', 'check_finite', 'DataNotFoundError', 'inputs_hint',
-           'load_pretrained']
+           'Checkpoint', 'checkpoint_epoch', 'resume_line', 'check_finite', 'DataNotFoundError', 'report_error',
+           'inputs_hint', 'load_pretrained']
 
 # %% ../nbs/10_training.ipynb #6e3d5f25
 def resolve_device(device=None) -> torch.device:
@@ -176,6 +176,12 @@ def check_finite(loss, epoch: int, step: int) -> None:
 class DataNotFoundError(FileNotFoundError):
     """An input of a run — a dataset, pretrained weights, a checkpoint — is absent; the message names it, where it was
     looked for and how to provide it."""
+
+def report_error(message) -> int:
+    "Print `abkd: error: <message>` as one line on stderr (the commands' refusal); the exit status 2, argparse's."
+    import sys
+    print("abkd: error: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
 
 @contextmanager
 def inputs_hint(hint: str):
