@@ -480,7 +480,13 @@ def config_cases() -> list[Case]:
             ("student_gen='always'", dict(student_gen="always"), ValueError, r"student_gen must be None, 'adaptive' or 'mixed'"),
             ("student_gen_ratio=NaN", dict(student_gen_ratio=math.nan), ValueError, r"student_gen_ratio must be .*(finite|\[0, 1\])"),
             ("teacher_dtype='float8'", dict(teacher_dtype="float8"), ValueError, r"teacher_dtype must be one of"),
-            ("monitor_every=-1", dict(monitor_every=-1), ValueError, r"monitor_every must be an int >= 0")):
+            ("monitor_every=-1", dict(monitor_every=-1), ValueError, r"monitor_every must be an int >= 0"),
+            ("kd_ratio=1.5", dict(kd_ratio=1.5), ValueError, r"kd_ratio must be a number in \[0, 1\]"),
+            ("max_steps=0", dict(max_steps=0), ValueError, r"max_steps must be None .* or a positive int"),
+            ("mixed_precision='fp8'", dict(mixed_precision="fp8"), ValueError, r"mixed_precision must be one of"),
+            ("eval_every=-1", dict(eval_every=-1), ValueError, r"eval_every must be an int >= 0"),
+            ("gradient_checkpointing='yes'", dict(gradient_checkpointing="yes"), ValueError,
+             r"gradient_checkpointing must be True or False")):
         row("LLMTrainConfig", case, lambda kw=kw: LLMTrainConfig(**kw), err, pattern)
     return cases
 
@@ -557,6 +563,49 @@ def cli_cases() -> list[Case]:
     row("--scale paper without the data (clip)",
         in_tmp(lambda d: cli("reproduce", "--only", "clip", "--scale", "paper", "--out", str(d / "paper"))),
         r"(?i)clip.*(need|not found).*(data|dataset)")
+    row("distill images: missing --data folder", in_tmp(lambda d: cli("distill", "images", "--data", str(d / "none"),
+        "--teacher", "resnet8", "--student", "resnet8", "--out", str(d / "o"))), r"data folder .* not found")
+    row("distill images: unknown method", lambda: cli("distill", "images", "--data", "x", "--teacher", "resnet8",
+        "--student", "resnet8", "--methods", "kd,abkdd"), r"unknown method\(s\) \['abkdd'\]; known: ce, kd, abkd")
+    row("distill images: malformed --seeds", lambda: cli("distill", "images", "--data", "x", "--teacher", "resnet8",
+        "--student", "resnet8", "--seeds", "0,x"), r"--seeds takes distinct non-negative integers")
+    row("distill text: missing --data file", in_tmp(lambda d: cli("distill", "text", "--teacher", str(d), "--student",
+        str(d), "--data", str(d / "none.jsonl"), "--out", str(d / "o"))), r"(?i)distill text: .*none\.jsonl")
+    return cases
+
+
+# ---------------------------------------------------------------- presets and the paper's tables
+def preset_cases() -> list[Case]:
+    "Presets asked for a setting the paper does not have, and the paper's tables asked for a cell they do not print."
+    from abkd import results as R
+    from abkd.cifar import recipes as cifar
+    from abkd.clip import experiment as clip
+    from abkd.llm import recipes as llm
+    cases = []
+    def row(entry, case, call, err, match):
+        cases.append(Case(entry, case, call, err, match))
+    row("abkd.llm.recipes.recipe", "unknown student", lambda: llm.recipe("gpt3", "abkd"), ValueError,
+        r"unknown student 'gpt3'; known students: gpt2, gpt2-medium, gpt2-large")
+    row("abkd.llm.recipes.recipe", "unknown method", lambda: llm.recipe("gpt2", "kl"), ValueError,
+        r"unknown method 'kl'; known methods: sft, kd, rkl")
+    row("abkd.llm.recipes.recipe", "MiniLLM (not a loss switch)", lambda: llm.recipe("gpt2", "minillm"), ValueError,
+        r"'minillm' is not provided: MiniLLM optimises")
+    row("abkd.cifar.recipes.recipe", "pair not in the paper", lambda: cifar.recipe("resnet56", "resnet21", "abkd"),
+        ValueError, r"not a pair of the paper's CIFAR-100 tables; known pairs")
+    row("abkd.cifar.recipes.recipe", "unknown method", lambda: cifar.recipe("resnet56", "resnet20", "abkdd"),
+        ValueError, r"method must be one of the paper's .*got 'abkdd'")
+    row("abkd.clip.experiment.method_recipe", "unknown dataset", lambda: clip.method_recipe("cifar10", "abkd"),
+        KeyError, r"unknown dataset 'cifar10'; known: imagenet")
+    row("abkd.clip.experiment.method_recipe", "unknown method", lambda: clip.method_recipe("dtd", "abkdd"),
+        ValueError, r"unknown method 'abkdd'; choose from kd, abkd")
+    row("abkd.results.paper_number", "row the paper does not report", lambda: R.paper_number(2, "GPT-5", "Dolly",
+        "GPT-2 (0.1B)"), ValueError, r"Table 2 \(student GPT-2 \(0.1B\)\) has no row 'GPT-5'; its rows: Teacher")
+    row("abkd.results.paper_number", "dataset the paper does not report", lambda: R.paper_number(16, "Ours", "HM",
+        "CIFAR10"), ValueError, r"Table 16 has no dataset 'CIFAR10'; its datasets")
+    row("abkd.results.paper_std", "std of a table without one", lambda: R.paper_std(14, "ResNet50 → vgg8", "KD"),
+        ValueError, r"Table 14 prints no std.*the tables with a std: 2")
+    row("abkd.results.paper_hyperparameters", "a results table", lambda: R.paper_hyperparameters(16), ValueError,
+        r"no α, β table 16.*read it with paper_number")
     return cases
 
 
@@ -565,7 +614,7 @@ def all_cases() -> list[Case]:
     cases = []
     for e in token_entries(): cases += token_cases(e)
     for name in VISION_LOSSES: cases += vision_cases(name)
-    cases += hidden_cases() + config_cases() + cli_cases()
+    cases += hidden_cases() + config_cases() + preset_cases() + cli_cases()
     return cases
 
 
