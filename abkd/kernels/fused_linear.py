@@ -13,7 +13,7 @@ from torch import Tensor
 from ..divergence import check_ab_logit_values, check_hyperparameters, check_reduction, compute_dtype
 
 # %% auto #0
-__all__ = ['Head', 'default_chunk_tokens', 'FusedLinearABDivergence', 'fused_linear_divergence']
+__all__ = ['Head', 'CHUNK_BUDGET', 'default_chunk_tokens', 'FusedLinearABDivergence', 'fused_linear_divergence']
 
 # %% ../../nbs/05_fused_linear.ipynb #bbcee8d5
 Head = Union[Tensor, torch.nn.Module, Callable[[Tensor], Tensor]]
@@ -33,8 +33,15 @@ def _check_weight(w: Tensor, hidden: Tensor, name: str, hidden_name: str) -> Non
                          f"the weight must be [V, {hidden.shape[-1]}]")
     if w.device != hidden.device: raise ValueError(f"{name} is on {w.device} but {hidden_name} is on {hidden.device}")
 
-def default_chunk_tokens(vocab: int, budget_elements: int = 1 << 26) -> int:
-    "Tokens per chunk: the largest power of two whose [C, V] logits hold at most `budget_elements` entries."
+CHUNK_BUDGET = {"cuda": 1 << 26, "cpu": 1 << 23}   # entries of one [C, V] chunk: 256 MiB on a GPU, 32 MiB elsewhere
+
+def default_chunk_tokens(vocab: int, device=None, budget_elements: Optional[int] = None) -> int:
+    """Tokens per chunk: the largest power of two whose [C, V] logits hold at most `budget_elements` entries (default
+    CHUNK_BUDGET of the device's type: a few chunk-sized tensors live at once, so on a CPU a smaller chunk keeps the
+    fused loss below the materialized [N, V] logits already at a few hundred positions)."""
+    if budget_elements is None:
+        kind = torch.device(device).type if device is not None else "cpu"
+        budget_elements = CHUNK_BUDGET.get(kind, CHUNK_BUDGET["cuda"])
     return 1 << max(0, int(math.log2(max(1, budget_elements // max(vocab, 1)))))
 
 def _probe_head(fn: Callable[[Tensor], Tensor], hidden: Tensor, name: str, hidden_name: str) -> Tensor:
@@ -256,7 +263,7 @@ def fused_linear_divergence(student_hidden: Tensor, student_head: Head,
         keep = mask.reshape(-1).nonzero().squeeze(1)
     n_kept = n if keep is None else keep.numel()
     scale = {"sum": 1.0, "mean": 1.0 / max(n_kept, 1), "batchmean": 1.0 / max(leading[0], 1)}[reduction]
-    if chunk_tokens is None: chunk_tokens = default_chunk_tokens(vocab)
+    if chunk_tokens is None: chunk_tokens = default_chunk_tokens(vocab, student_hidden.device)
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     plan = _Plan(head_fn, weight is not None, teacher_rows, rows, alpha, beta, temperature, scale, chunk_tokens,

@@ -483,7 +483,7 @@ def memory_line(p: dict) -> str:
 def study_note(records: list[dict], perf: dict, scale: RealVocabScale) -> str:
     "The table's note: setting, seeds, the memory ratios, the claim check and the paper's statements."
     info = next(r["config"]["data"] for r in records if r["experiment"] == "real-vocab/teacher")
-    chunk = default_chunk_tokens(GPT2_VOCAB_SIZE)
+    chunk = default_chunk_tokens(GPT2_VOCAB_SIZE, "cpu")
     seeds = len(scale.train_seeds)
     return "\n\n".join([
         f"**{scale.name} scale** — real text: CPython's pydoc topics ({info['corpus']}; {info['train_blocks']} train "
