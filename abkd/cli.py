@@ -4,23 +4,23 @@
 
 # %% ../nbs/29_cli.ipynb #0c6f9d14
 from __future__ import annotations
-import argparse, os, shlex, sys, tempfile, textwrap
+import argparse, os, re, shlex, statistics, sys, tempfile, textwrap, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 from types import ModuleType
 
-from tqdm import tqdm
-
 import abkd
-from .results import SCALES
-from .training import CHECKPOINT, DataNotFoundError, report_error
+from .results import SCALES, atomic_write_text
+from .training import CHECKPOINT, DataNotFoundError, log_file, progress_line, report_error, run_name
 from .distill_text import add_text_parser, run_text
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'theory_module', 'cifar100_module', 'clip_module', 'llm_module', 'real_images_module', 'Experiment',
-           'images_module', 'add_distill_parser', 'run_distill_images', 'build_parser', 'run_experiment', 'main',
-           'OutputDirError', 'check_output_dir', 'last_checkpoint', 'interrupted_message']
+__all__ = ['EXPERIMENTS', 'INDEX', 'LOG', 'SMOKE_SECONDS', 'PAPER_INPUTS', 'OTHER_ENV', 'theory_module', 'cifar100_module',
+           'clip_module', 'llm_module', 'real_images_module', 'Experiment', 'images_module', 'add_distill_parser',
+           'run_distill_images', 'expected_seconds', 'eta_seconds', 'duration', 'eta_line', 'data_clause', 'index_line',
+           'write_index', 'paper_inputs', 'inputs_epilog', 'build_parser', 'run_experiment', 'main', 'OutputDirError',
+           'check_output_dir', 'last_checkpoint', 'interrupted_message']
 
 # %% ../nbs/29_cli.ipynb #0b1b1f1e
 def theory_module() -> ModuleType:
@@ -52,7 +52,8 @@ class Experiment:
 
 EXPERIMENTS = {e.name: e for e in [
     Experiment("theory", theory_module, "named points, the (α, β) plane, log mass ratio, concentration claims, "
-               "controlled experiment"),
+               "controlled experiment (smoke: random logits and a synthetic task, vocabularies 100 to 10,000, 500 claim draws, a 25-point "
+               "(α, β) grid; paper: vocabularies up to GPT-2's 50,257, 5,000 claim draws, a finer grid)"),
     Experiment("cifar100", cifar100_module, "CIFAR-100 distillation: teacher training, KD and ABKD students, "
                "results table (smoke: synthetic data; paper: the published recipe on every standard pair)"),
     Experiment("clip", clip_module, "CLIP base-to-new prompt distillation with KD/DKD/LSD/TTM and their AB "
@@ -175,6 +176,65 @@ def run_distill_images(args, argv: list[str]) -> int:
     for p in (result["out"] / "setup.json", result["table"], result["figure"]): print(f"  {p}")
     return 0
 
+# %% ../nbs/29_cli.ipynb #a388b848
+INDEX, LOG = "index.md", "abkd.log"
+SMOKE_SECONDS = {"theory": 40, "cifar100": 270, "clip": 860, "llm": 170, "real-images": 270}  # see the markdown above
+
+def expected_seconds(name: str, table: dict = SMOKE_SECONDS) -> float:
+    "An experiment's expected smoke-scale time: its table entry, else the table's median."
+    return table.get(name, statistics.median(table.values()))
+
+def eta_seconds(pending: list[str], finished: dict, table: dict = SMOKE_SECONDS) -> float:
+    "Σ expected of `pending` × (Σ elapsed / Σ expected of `finished`, {name: seconds}); ratio 1 when none finished."
+    done = sum(expected_seconds(n, table) for n in finished)
+    ratio = sum(finished.values()) / done if finished and done > 0 else 1.0
+    return ratio * sum(expected_seconds(n, table) for n in pending)
+
+def duration(seconds: float) -> str:
+    "'42 s', '3 min 05 s', '2 h 04 min'."
+    s = int(round(seconds))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+def eta_line(runs: list[dict], k: int, scale: str) -> str:
+    "'about T left for the n experiments not finished' before runs[k] starts (smoke scale)."
+    if scale != "smoke": return "no ETA at paper scale"
+    finished = {r["name"]: r["seconds"] for r in runs[:k] if r["status"] == "finished"}
+    pending = [r["name"] for r in runs[k:]]
+    return f"about {duration(eta_seconds(pending, finished))} left for {len(pending)} experiment(s)"
+
+def data_clause(description: str, scale: str) -> str:
+    "The '<scale>: ...' clause of a description ending '(smoke: ...; paper: ...)', else the whole description."
+    m = re.search(r"\(smoke: (.*); paper: (.*)\)\s*$", description)
+    if not m: return description
+    return f"{description[:m.start()].strip()}; {scale}: {m.group(1 if scale == 'smoke' else 2)}"
+
+def _links(out: Path, paths) -> str:
+    rel = [os.path.relpath(p, out) for p in paths]
+    return ", ".join(f"[{r}]({r})" for r in rel) or "none"
+
+def index_line(out: Path, run: dict) -> str:
+    "One line of index.md: name, status, scale, time, what and which data, tables, figures, records."
+    paths = [Path(p) for p in run["paths"]]
+    tables = [p for p in paths if p.suffix == ".md"]
+    figures = [p for p in paths if p.suffix in (".png", ".pdf", ".svg")]
+    records = [p for p in paths if p.suffix == ".json"]
+    took = "" if run["seconds"] is None else f", {duration(run['seconds'])}"
+    desc = EXPERIMENTS[run["name"]].description if run["name"] in EXPERIMENTS else ""
+    line = f"- **{run['name']}** — {run['status']} ({run['scale']}{took}): {data_clause(desc, run['scale'])}."
+    if run["status"] == "finished":
+        line += f" Tables: {_links(out, tables)}. Figures: {_links(out, figures)}. Records: {len(records)} JSON"
+        line += f" under [{run['name']}/]({run['name']}/)." if records else "."
+    return line
+
+def write_index(out, runs: list[dict], command: str, started: float) -> Path:
+    "OUT/index.md (atomically) from the runs so far: a header (command, start, time so far) and one line per experiment."
+    out = Path(out)
+    done = [r for r in runs if r["seconds"] is not None]
+    head = (f"# abkd reproduce: results\n\n`{command}`, started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; "
+            f"{sum(r['status'] == 'finished' for r in runs)} of {len(runs)} experiments finished in "
+            f"{duration(sum(r['seconds'] for r in done))}. Progress log: [{LOG}]({LOG}).\n\n")
+    return atomic_write_text(out / INDEX, head + "\n".join(index_line(out, r) for r in runs) + "\n") or out / INDEX
+
 # %% ../nbs/29_cli.ipynb #e5ed0007
 def _parse_only(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
@@ -183,6 +243,44 @@ def _parse_only(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown experiment(s) {unknown or text!r}; choose from {', '.join(EXPERIMENTS)}"
                                          " (comma separated)")
     return names
+
+PAPER_INPUTS = {    # experiment -> option -> (reproduce_paper's argument, environment variable, default under OUT/<experiment>)
+    "cifar100": {"data": ("data_root", "ABKD_CIFAR_DATA", "data"), "teachers": ("teachers_dir", "ABKD_CIFAR_TEACHERS", "teachers")},
+    "clip": {"data": ("data_root", "ABKD_CLIP_DATA", "data"), "teachers": ("teachers_dir", "ABKD_CLIP_TEACHERS", "teacher_model")},
+    "llm": {"data": ("data_root", "ABKD_LLM_DATA", "data"), "teachers": ("teacher_id", "ABKD_LLM_TEACHER", None)},
+}
+OTHER_ENV = {"ABKD_LLM_STUDENT": "llm: the student's initial checkpoint (a folder or hub id; default: the hub's gpt2)",
+             "ABKD_DATA_CACHE": "real-images and the real-data studies: download cache (default: ~/.cache/abkd)"}
+
+def _located(text: str) -> tuple[str, str]:
+    "--data / --teachers: EXPERIMENT=PATH."
+    name, sep, path = text.partition("=")
+    if not sep or not path or name not in PAPER_INPUTS:
+        raise argparse.ArgumentTypeError(f"takes EXPERIMENT=PATH with EXPERIMENT one of {', '.join(PAPER_INPUTS)}, e.g. "
+                                         f"clip=/data/coop; got {text!r}")
+    return name, path
+
+def paper_inputs(name: str, options: dict, out: Path, environ=os.environ) -> dict:
+    """reproduce_paper's location arguments of experiment `name`: the option's path, else the environment variable's,
+    else the default under OUT/<name>/; a relative path given by option or variable is resolved against the working
+    directory the command was started in. An LLM teacher without either stays the module's default (the hub)."""
+    kw = {}
+    for option, (arg, env, default) in PAPER_INPUTS.get(name, {}).items():
+        given = options.get(option, {}).get(name) or environ.get(env)
+        if given: kw[arg] = given if option == "teachers" and name == "llm" and not Path(given).exists() else \
+            str(Path(given).expanduser().resolve())
+        elif default is not None: kw[arg] = str((Path(out) / name / default).resolve())
+    return kw
+
+def inputs_epilog() -> str:
+    "--help's list of paper-scale locations: option, variable, default."
+    rows = [f"  {name:9s} --{opt:8s} {env:20s} default: " + (f"OUT/{name}/{d}" if d else "the hub's gpt2-xl")
+            for name, opts in PAPER_INPUTS.items() for opt, (_, env, d) in opts.items()]
+    rows += [f"  {k:30s} {v}" for k, v in OTHER_ENV.items()]
+    return ("paper-scale inputs (--scale paper; an option overrides its environment variable; relative paths are taken "
+            "from the\nworking directory; defaults lie under the output folder):\n" + "\n".join(rows)
+            + "\n\nexample: abkd reproduce --only clip,llm --scale paper --data clip=/data/coop \\\n"
+              "           --teachers clip=/ckpt/promptkd --data llm=/data/minillm --teachers llm=gpt2-xl --out runs/paper")
 
 def build_parser() -> argparse.ArgumentParser:
     "The `abkd` argument parser."
@@ -196,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"abkd {abkd.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     rep = sub.add_parser("reproduce", help="run experiments and write records, tables and figures",
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"experiments:\n{experiments}",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"experiments:\n{experiments}\n\n{inputs_epilog()}",
                          description="Run experiments; each writes JSON records, markdown tables generated from them, "
                                      "and figures under OUT/<experiment>/.")
     rep.add_argument("--only", type=_parse_only, default=list(EXPERIMENTS),
@@ -204,12 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--scale", choices=SCALES, default="smoke",
                      help="smoke: CPU, minutes, data built by the package (default); paper: the published protocol")
     rep.add_argument("--out", type=Path, default=Path("abkd-results"), help="output folder (default: ./abkd-results)")
+    rep.add_argument("--data", type=_located, action="append", default=[], metavar="EXPERIMENT=PATH",
+                     help="paper scale: where an experiment's data lie (cifar100, clip, llm; repeat for several); "
+                          "overrides $ABKD_<EXPERIMENT>_DATA")
+    rep.add_argument("--teachers", type=_located, action="append", default=[], metavar="EXPERIMENT=PATH",
+                     help="paper scale: the teacher checkpoints (cifar100, clip: a folder; llm: a folder or hub id); "
+                          "overrides $ABKD_CIFAR_TEACHERS, $ABKD_CLIP_TEACHERS, $ABKD_LLM_TEACHER")
     add_distill_parser(sub)
     return parser
 
-def run_experiment(name: str, scale: str, out: Path) -> list[Path]:
-    "The experiment module's `reproduce(out, scale)`: the files it wrote."
-    return EXPERIMENTS[name].load().reproduce(Path(out), scale)
+def run_experiment(name: str, scale: str, out: Path, **kw) -> list[Path]:
+    "The experiment module's `reproduce(out, scale, **kw)`: the files it wrote."
+    return EXPERIMENTS[name].load().reproduce(Path(out), scale, **kw)
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `abkd` console script: 0 done, 2 bad arguments or a missing input, 130 interrupted."
@@ -217,22 +321,37 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "distill":
         return run_text(args, argv) if args.kind == "text" else run_distill_images(args, argv)
+    options = {opt: dict(getattr(args, opt)) for opt in ("data", "teachers")}
+    if args.scale != "paper" and (args.data or args.teachers):
+        return report_error("--data and --teachers locate the paper-scale inputs: use them with --scale paper")
     try: check_output_dir(args.out)
     except OutputDirError as e: return report_error(e)
-    written, name = {}, None
-    try:
-        with tqdm(args.only, desc="abkd reproduce", unit="experiment", leave=False) as bar:
-            for name in bar:
-                bar.set_postfix_str(name)
-                written[name] = run_experiment(name, args.scale, args.out)
-    except DataNotFoundError as e: return report_error(f"{name} --scale {args.scale}: {e}")
-    except KeyboardInterrupt:
-        if name is None: raise                                   # before any experiment started: nothing to say
-        print(interrupted_message(name, args.out, argv), file=sys.stderr)
-        return 130
-    for name, paths in written.items():
-        print(f"{name}:")
-        for p in paths: print(f"  {p}")
+    runs = [dict(name=n, scale=args.scale, status="not run", seconds=None, paths=[]) for n in args.only]
+    command, start = "abkd " + shlex.join(argv), time.time()
+    with log_file(Path(args.out) / LOG):
+        progress_line(f"{command}: {len(runs)} experiment(s), log in {Path(args.out) / LOG}")
+        for k, run in enumerate(runs):
+            name = run["name"]
+            progress_line(f"[{k + 1}/{len(runs)}] {name} ({args.scale}) started; {eta_line(runs, k, args.scale)}")
+            run["status"], t0 = "running", time.monotonic()
+            write_index(args.out, runs, command, start)
+            kw = paper_inputs(name, options, args.out) if args.scale == "paper" else {}
+            try:
+                with run_name(name): run["paths"] = run_experiment(name, args.scale, args.out, **kw)
+            except DataNotFoundError as e:
+                run.update(status="missing input", seconds=time.monotonic() - t0); write_index(args.out, runs, command, start)
+                return report_error(f"{name} --scale {args.scale}: {e}")
+            except KeyboardInterrupt:
+                run.update(status="interrupted", seconds=time.monotonic() - t0); write_index(args.out, runs, command, start)
+                print(interrupted_message(name, args.out, argv), file=sys.stderr)
+                return 130
+            run.update(status="finished", seconds=time.monotonic() - t0)
+            write_index(args.out, runs, command, start)
+            progress_line(f"[{k + 1}/{len(runs)}] {name} finished in {duration(run['seconds'])}")
+    for run in runs:
+        print(f"{run['name']}:")
+        for p in run["paths"]: print(f"  {p}")
+    print(f"index: {Path(args.out) / INDEX}")
     return 0
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_training.ipynb #1c4f45d5
 from __future__ import annotations
-import hashlib, math, os, random, tempfile
+import contextvars, hashlib, math, os, random, re, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -14,10 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'resolve_device', 'mixed_precision', 'Processes', 'prepare_teacher', 'epoch_seed', 'seed_everything',
-           'epoch_loader', 'epochs_to_run', 'progress_bar', 'progress_line', 'save_checkpoint', 'load_checkpoint',
-           'Checkpoint', 'checkpoint_epoch', 'resume_line', 'check_finite', 'DataNotFoundError', 'report_error',
-           'inputs_hint', 'load_pretrained']
+__all__ = ['PLAIN_EVERY', 'CHECKPOINT', 'resolve_device', 'mixed_precision', 'Processes', 'prepare_teacher', 'epoch_seed',
+           'seed_everything', 'epoch_loader', 'epochs_to_run', 'run_name', 'current_run', 'named', 'plain_text',
+           'log_file', 'log_line', 'stderr_is_terminal', 'Progress', 'progress_bar', 'progress_line', 'save_checkpoint',
+           'load_checkpoint', 'Checkpoint', 'checkpoint_epoch', 'resume_line', 'check_finite', 'DataNotFoundError',
+           'report_error', 'inputs_hint', 'load_pretrained']
 
 # %% ../nbs/10_training.ipynb #6e3d5f25
 def resolve_device(device=None) -> torch.device:
@@ -99,13 +100,97 @@ def epochs_to_run(done: int, total: int, stop_after: Optional[int] = None) -> ra
     return range(done, total if stop_after is None else min(total, done + stop_after))
 
 # %% ../nbs/10_training.ipynb #625d596c
-def progress_bar(iterable: Iterable, desc: str, enabled: bool = True):
-    "A tqdm bar over `iterable` that is removed when done; `enabled=False`: no bar."
-    return tqdm(iterable, desc=desc, leave=False, disable=not enabled)
+PLAIN_EVERY = 30.0                                    # seconds between two plain progress lines (no terminal)
+_RUN = contextvars.ContextVar("abkd_run", default="")
+_LOG = contextvars.ContextVar("abkd_log", default=None)
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\r\x08]")
+
+@contextmanager
+def run_name(name: str):
+    "Inside this block bars and progress lines are prefixed with `name` (nested names join with ' · ')."
+    token = _RUN.set(" · ".join(x for x in (_RUN.get(), str(name)) if x))
+    try: yield
+    finally: _RUN.reset(token)
+
+def current_run() -> str:
+    "The name of the innermost `run_name` block ('' outside any)."
+    return _RUN.get()
+
+def named(text: str) -> str:
+    "'<run name>: text' inside a `run_name` block, else `text`."
+    return f"{current_run()}: {text}" if current_run() else text
+
+def plain_text(text: str) -> str:
+    "`text` without carriage returns, backspaces and terminal escape sequences (a carriage return becomes a space)."
+    return " ".join(_ESCAPES.sub(" ", str(text)).split())
+
+@contextmanager
+def log_file(path):
+    "Inside this block progress lines are also appended to `path` (created with its parents), one plain line each."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8", buffering=1) as f:
+        token = _LOG.set(f)
+        try: yield path
+        finally: _LOG.reset(token)
+
+def log_line(text: str) -> None:
+    "Append '<UTC time> <plain text>' to the open `log_file`, if any."
+    f = _LOG.get()
+    if f is not None: f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {plain_text(text)}\n")
+
+def stderr_is_terminal() -> bool:
+    "Whether bars may be drawn: stderr is an interactive terminal."
+    try: return sys.stderr.isatty()
+    except (AttributeError, ValueError): return False
+
+class Progress:
+    """Iterate `iterable`: a tqdm bar when `terminal` (default: stderr is a terminal), else a plain line to stderr
+    every `every` seconds; the plain lines always go to the `log_file`. `set_postfix` as tqdm's."""
+    def __init__(self, iterable: Iterable, desc: str, enabled: bool = True, terminal: Optional[bool] = None,
+                 every: Optional[float] = None):
+        self.iterable, self.desc, self.disable = iterable, desc, not enabled
+        self.terminal = stderr_is_terminal() if terminal is None else terminal
+        self.every = PLAIN_EVERY if every is None else every
+        self.total = len(iterable) if hasattr(iterable, "__len__") else None
+        self.postfix = ""
+        self.bar = tqdm(iterable, desc=desc, leave=False) if enabled and self.terminal else None
+
+    def __len__(self): return len(self.iterable)
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+        if self.bar is not None: self.bar.set_postfix(**kw)
+
+    def line(self, n: int, seconds: float) -> str:
+        "'<desc>: <n>/<total> steps, <s> s[, postfix]'."
+        of = "" if self.total is None else f"/{self.total}"
+        return f"{self.desc}: {n}{of} steps, {seconds:.0f} s" + (f", {self.postfix}" if self.postfix else "")
+
+    def _emit(self, n: int, seconds: float) -> None:
+        text = self.line(n, seconds)
+        if not self.terminal: print(text, file=sys.stderr, flush=True)
+        log_line(text)
+
+    def __iter__(self):
+        if self.disable: yield from self.iterable; return
+        start = last = time.monotonic(); n = 0
+        try:
+            for item in (self.bar if self.bar is not None else self.iterable):
+                yield item; n += 1
+                now = time.monotonic()
+                if now - last >= self.every: self._emit(n, now - start); last = now
+        finally:
+            if self.bar is not None: self.bar.close()
+
+def progress_bar(iterable: Iterable, desc: str, enabled: bool = True, terminal: Optional[bool] = None) -> Progress:
+    "Progress over `iterable` named '<run name>: desc': a removable tqdm bar on a terminal, else periodic plain lines."
+    return Progress(iterable, named(desc), enabled, terminal)
 
 def progress_line(text: str, enabled: bool = True) -> None:
-    "Print one line of progress without breaking an open bar."
-    if enabled: tqdm.write(text)
+    "Print '<run name>: text' without breaking an open bar; also to the `log_file`."
+    if not enabled: return
+    text = named(text)
+    tqdm.write(text); log_line(text)
 
 # %% ../nbs/10_training.ipynb #4425fca7
 CHECKPOINT = "checkpoint.pt"

@@ -174,7 +174,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_same_command_resumes(tmp_path,
     standin(monkeypatch, checkpointed_run())
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert f"resuming {ckpt.parent} from epoch 1 (1 of 3 epochs done)" in captured.out.splitlines()
+    assert f"standin: resuming {ckpt.parent} from epoch 1 (1 of 3 epochs done)" in captured.out.splitlines()
     assert message_lines(captured.err) == []
 
 
@@ -277,3 +277,84 @@ def test_interrupted_message_names_the_given_folder(tmp_path):
     Checkpoint(tmp_path / "run" / "a", RunConfig()).save(epoch=1)
     line = interrupted_message("distill images", tmp_path / "run", ["distill", "images"], folder=tmp_path / "run")
     assert str(tmp_path / "run" / "a" / CHECKPOINT) in line and line.endswith("abkd distill images")
+
+
+# --- what the main job hands over: index.md, abkd.log, ETA, paper-scale locations ---
+
+def _standin_module(paths):
+    import types
+    m = types.ModuleType("abkd_standin")
+    m.SMOKE, m.PAPER = {}, {}
+    def reproduce(out_dir, scale, **kw):
+        from abkd.training import progress_line, Progress, named
+        for _ in Progress(range(3), named("epoch 1"), terminal=False, every=0.0): pass
+        progress_line("epoch 1/1 done")
+        for p in paths(out_dir): p.parent.mkdir(parents=True, exist_ok=True); p.write_text("x")
+        return paths(out_dir)
+    m.reproduce = reproduce
+    return m
+
+
+def test_index_links_every_table_and_figure_and_the_log_is_plain(monkeypatch, tmp_path, capsys):
+    from abkd.cli import INDEX, LOG
+    files = lambda out: [out / "standin" / "table.md", out / "standin" / "accuracy.png", out / "standin" / "r.json"]
+    monkeypatch.setitem(EXPERIMENTS, "standin", Experiment("standin", lambda: _standin_module(files),
+                                                           "a stand-in (smoke: tiny data; paper: big data)"))
+    assert main(["reproduce", "--only", "standin", "--out", str(tmp_path)]) == 0
+    index = (tmp_path / INDEX).read_text()
+    assert "[standin/table.md](standin/table.md)" in index and "[standin/accuracy.png](standin/accuracy.png)" in index
+    assert "**standin** — finished (smoke, " in index and "smoke: tiny data" in index and "big data" not in index
+    log = (tmp_path / LOG).read_text()
+    assert "standin: epoch 1: 1/3 steps" in log and "standin: epoch 1/1 done" in log, log
+    assert "\r" not in log and "\x1b" not in log
+
+
+def test_an_interrupted_run_keeps_an_index_of_what_finished(monkeypatch, tmp_path, capsys):
+    from abkd.cli import INDEX
+    files = lambda out: [out / "done" / "table.md"]
+    def interrupted(out_dir, scale): raise KeyboardInterrupt
+    import types
+    broken = types.ModuleType("broken"); broken.SMOKE = broken.PAPER = {}; broken.reproduce = interrupted
+    monkeypatch.setitem(EXPERIMENTS, "done", Experiment("done", lambda: _standin_module(files), "first"))
+    monkeypatch.setitem(EXPERIMENTS, "broken", Experiment("broken", lambda: broken, "second"))
+    assert main(["reproduce", "--only", "done,broken", "--out", str(tmp_path)]) == 130
+    index = (tmp_path / INDEX).read_text()
+    assert "**done** — finished" in index and "[done/table.md](done/table.md)" in index
+    assert "**broken** — interrupted" in index and "1 of 2 experiments finished" in index
+
+
+def test_eta_scales_the_table_by_the_speed_of_what_finished():
+    from abkd.cli import SMOKE_SECONDS, eta_seconds, expected_seconds
+    assert eta_seconds(["clip", "llm"], {}) == SMOKE_SECONDS["clip"] + SMOKE_SECONDS["llm"]
+    slow = {"theory": 3 * SMOKE_SECONDS["theory"]}
+    assert eta_seconds(["clip"], slow) == pytest.approx(3 * SMOKE_SECONDS["clip"])
+    # not the first experiment's time times the number left
+    assert eta_seconds(["clip"], slow) != pytest.approx(slow["theory"])
+    assert expected_seconds("real-vocab") > 0
+
+
+def test_data_and_teachers_options_override_env_and_defaults_lie_under_out(monkeypatch, tmp_path):
+    from abkd.cli import paper_inputs
+    out = tmp_path / "out"
+    env = {"ABKD_CLIP_DATA": "rel/clipdata"}
+    monkeypatch.chdir(tmp_path)
+    kw = paper_inputs("clip", {"data": {}, "teachers": {}}, out, env)
+    assert kw == {"data_root": str(tmp_path / "rel/clipdata"), "teachers_dir": str(out / "clip" / "teacher_model")}
+    kw = paper_inputs("clip", {"data": {"clip": "/d/coop"}, "teachers": {}}, out, env)
+    assert kw["data_root"] == "/d/coop"
+    assert paper_inputs("llm", {"data": {}, "teachers": {"llm": "gpt2-xl"}}, out, {})["teacher_id"] == "gpt2-xl"
+    assert paper_inputs("theory", {}, out, {}) == {}
+
+
+def test_reproduce_help_lists_the_locations_and_their_variables(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    text = capsys.readouterr().out
+    for s in ("--data", "--teachers", "ABKD_CLIP_DATA", "ABKD_CLIP_TEACHERS", "ABKD_LLM_DATA", "ABKD_LLM_TEACHER",
+              "ABKD_LLM_STUDENT", "ABKD_CIFAR_DATA", "OUT/clip/teacher_model"):
+        assert s in text, s
+
+
+def test_data_option_at_smoke_scale_is_refused(tmp_path, capsys):
+    assert main(["reproduce", "--only", "clip", "--data", "clip=/x", "--out", str(tmp_path)]) == 2
+    assert "--scale paper" in capsys.readouterr().err

@@ -209,3 +209,52 @@ def test_load_pretrained_names_the_model_where_it_looked_and_the_fix(tmp_path, m
     with pytest.raises(ValueError, match="invalid literal"):          # a bug in the loader is not a missing input
         load_pretrained(int, "not-a-number", "x", "")
     assert load_pretrained(len, "abc", "x", "") == 3
+
+
+# --- progress that names its run, plain lines off a terminal, a log file without escapes ---
+
+from abkd.training import progress_line
+
+def test_run_name_prefixes_bars_and_lines_and_nests(capsys):
+    from abkd.training import current_run, named, run_name
+    with run_name("cifar100"):
+        with run_name("kd seed 0"):
+            assert named("epoch 1") == "cifar100 · kd seed 0: epoch 1"
+            progress_line("epoch 1/6: loss 0.5")
+        assert current_run() == "cifar100"
+    assert current_run() == "" and named("x") == "x"
+    assert "cifar100 · kd seed 0: epoch 1/6: loss 0.5" in capsys.readouterr().out
+
+
+def test_off_a_terminal_the_bar_writes_plain_periodic_lines(capsys):
+    from abkd.training import Progress
+    bar = Progress(range(3), "kd seed 0: epoch 2", terminal=False, every=0.0)
+    seen = []
+    for x in bar: bar.set_postfix(loss="0.25"); seen.append(x)
+    err = capsys.readouterr().err
+    assert seen == [0, 1, 2] and len(bar) == 3
+    assert err.splitlines() == [f"kd seed 0: epoch 2: {i}/3 steps, 0 s, loss 0.25" for i in (1, 2, 3)]
+    assert "\r" not in err and "\x1b" not in err
+
+
+def test_on_a_terminal_the_bar_is_tqdm(capsys):
+    from abkd.training import Progress
+    bar = Progress(range(2), "epoch 1", terminal=True)
+    assert bar.bar is not None and list(bar) == [0, 1]
+    assert Progress(range(2), "epoch 1", terminal=False).bar is None
+
+
+def test_log_file_gets_plain_time_stamped_lines(tmp_path, capsys):
+    import re
+    from abkd.training import Progress, log_file, plain_text, run_name, named
+    path = tmp_path / "a" / "abkd.log"
+    with log_file(path), run_name("teacher"):
+        progress_line("epoch 1/2 \x1b[1mdone\x1b[0m\r")
+        for _ in Progress(range(2), named("epoch 2"), terminal=True, every=0.0): pass   # the bar: console only
+    progress_line("after the block")                                                    # not logged
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith("teacher: epoch 1/2 done") and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", lines[0])
+    assert any(l.endswith("teacher: epoch 2: 2/2 steps, 0 s") for l in lines)
+    assert not any("after the block" in l for l in lines)
+    assert "\r" not in path.read_text() and "\x1b" not in path.read_text()
+    assert plain_text("a\rb\x1b[2Kc\x08") == "a b c"
