@@ -198,3 +198,29 @@ def test_reproduce_paper_trains_the_unreleased_teachers_first(monkeypatch, tmp_p
     text = written[-1].read_text()
     assert "Trained here (no public checkpoint): teachers resnet32;" in text
     assert "| 1 | 1.00 | 2.00 [test] | 71.93 [Table 13, teacher of resnet32 → resnet20] |" in text
+
+
+def test_smoke_writes_the_accuracy_figure_from_the_records(monkeypatch, tmp_path):
+    "The figure is written beside the table and returned; it is drawn from the records on disk (their means)."
+    tiny = dict(E.SMOKE, teacher="resnet8", student="resnet8", seeds=(0,), n_train_per_class=2, n_test_per_class=1,
+                teacher_epochs=1, student_epochs=1, milestones=(1,), methods=("kd", "abkd"))
+    written = E.reproduce_smoke(tmp_path, tiny, progress=False)
+    fig = tmp_path / "cifar100" / E.FIGURE
+    assert fig in written and fig.stat().st_size > 0 and fig.read_bytes()[:4] == b"\x89PNG"
+    recs = [load_record(p) for p in written if p.suffix == ".json"]
+    ax = E.accuracy_figure(recs).axes[0]
+    means = {r["config"]["method"]: r["metrics"]["best_test_acc"] for r in recs if r["config"]["teacher"]}
+    assert sorted(round(p.get_height(), 9) for p in ax.patches) == sorted(round(v, 9) for v in means.values())
+
+
+def test_run_config_names_its_progress_lines(tiny_data, tmp_path, monkeypatch):
+    "Every progress line of a run carries its name ('kd seed 0', 'teacher resnet8')."
+    from abkd.training import current_run
+    seen = []
+    class Stop(Exception): pass
+    def fit(*a, **k): seen.append(current_run()); raise Stop
+    monkeypatch.setattr(E, "build_teacher", lambda cfg: None)
+    monkeypatch.setattr(E, "fit", fit)
+    cfg = E.smoke_configs("x.pt", dict(E.SMOKE, seeds=(0,), methods=("kd",)))[0]
+    with pytest.raises(Stop): E.run_config(cfg, tiny_data, tmp_path / "r")
+    assert seen == ["kd seed 0"] and E.run_label(E.teacher_recipe("resnet8")) == "teacher resnet8"

@@ -39,6 +39,12 @@ def test_short_smoke_run(tmp_path):
     assert rows["FKL at ABKD's weights (control) (n=1)"].count("not in Table 16") == 3
     assert "FKL at ABKD's weights is ab(1, 0)" in table and "Weights — KD (PromptKD): CE 0" in table
     assert all(r["config"]["recipe"]["source"] and r["config"]["selection"] == "last epoch" for r in recs)
+    # the figure is written beside the table, from the same records: bars = base/new/HM of each method
+    from abkd.clip.experiment import FIGURE, base_new_figure
+    fig_path = tmp_path / "clip" / FIGURE
+    assert fig_path in written and fig_path.read_bytes()[:4] == b"\x89PNG"
+    heights = sorted(round(float(p.get_height()), 9) for p in base_new_figure(recs).axes[0].patches)
+    assert heights == sorted(round(r["metrics"][k], 9) for r in recs for k in ("base", "new", "hm"))
 
 
 def test_presets_read_the_paper_and_refuse_unknown_names():
@@ -107,3 +113,16 @@ def test_paper_path_with_released_teacher_prompts(tmp_path):
         reproduce_paper(tmp_path / "out", tmp_path / "data", tmp_path / "teachers", datasets=("dtd",), kd_weight="best",
                         models=models)
 
+
+
+def test_run_method_names_its_progress(monkeypatch, tmp_path):
+    "Progress inside a run carries '<dataset> <method> seed <k>'."
+    import abkd.clip.experiment as E
+    from abkd.training import current_run
+    seen = []
+    class Stop(Exception): pass
+    def fit_clip(*a, **k): seen.append(current_run()); raise Stop
+    monkeypatch.setattr(E, "fit_clip", fit_clip)
+    cfg = E.method_config("dtd", "abkd", 2)
+    with pytest.raises(Stop): E.run_method(cfg, lambda: None, None, None, tmp_path)
+    assert seen == [f"dtd {cfg.name} seed 2"]

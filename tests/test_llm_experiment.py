@@ -79,6 +79,15 @@ def test_paper_path_on_local_models(local):
     assert "LM term (lm_weight 1 on the pre-training corpus) was used by: kd, rkl, abkd." in table
     for lr in (1e-3, 3e-4):
         assert (tmp / "out" / "llm" / "abkd" / f"lr_{lr:g}" / "best" / "config.json").is_file()
+    # the ROUGE-L figure is written beside the table, from the evaluation records: one bar per (test set, model)
+    from abkd.llm.experiment import FIGURE, rouge_figure
+    fig = tmp / "out" / "llm" / FIGURE
+    assert fig in written and fig.read_bytes()[:4] == b"\x89PNG"
+    axes = rouge_figure(tmp / "out" / "llm" / "eval").axes
+    assert [ax.get_title() for ax in axes] == list(TEST_COLUMNS.values())
+    dolly = {r["config"]["model"]: sum(r["metrics"]["rougeL"]["per_seed"].values()) / len(r["metrics"]["rougeL"]["per_seed"])
+             for r in recs if r["config"]["test_set"] == "dolly" and r["config"]["model"] != "teacher_sft"}
+    assert sorted(round(float(p.get_height()), 9) for p in axes[0].patches) == sorted(round(v, 9) for v in dolly.values())
 
 
 def test_lr_grid_selection_picks_the_best_validation_score(local):
@@ -122,6 +131,23 @@ def test_results_table_paper_cells_delta_and_missing(tmp_path):
         results_table(tmp_path, "gpt-5")
     with pytest.raises(ValueError, match="no evaluation records"):
         results_table(tmp_path / "empty")
+    # the header names each test set once per cell, and no two cells are the same ('Dolly (Dolly (held-out))' was not)
+    head = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert len(head) == len(set(head)) == 1 + 3 * len(TEST_COLUMNS)
+    assert all(sum(c.count(n) for n in TEST_COLUMNS.values()) <= 1 for c in head), head
+    assert not any("(" in c for c in head), head
+
+
+def test_train_stage_names_its_progress(monkeypatch, tmp_path):
+    "Progress lines of an lr-grid run say '<method> lr <lr>'."
+    import abkd.llm.experiment as E
+    from abkd.training import current_run
+    seen = []
+    class Stop(Exception): pass
+    def fit_llm(*a, **k): seen.append(current_run()); raise Stop
+    monkeypatch.setattr(E, "fit_llm", fit_llm)
+    with pytest.raises(Stop): E.train_stage("kd_fkl/lr_0.005", None, None, dict(train=[], valid=[], collate=None, tokenizer=None), tmp_path)
+    assert seen == ["kd_fkl lr 0.005"]
 
 
 def test_paper_path_input_errors(local, tmp_path):

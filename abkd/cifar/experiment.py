@@ -10,21 +10,23 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 from ..results import (aggregate, by_scale, cite_published, format_mean_std, load_record, markdown_table,
-                          pair_label, paper_table, published, published_number, save_record, write_markdown)
+                          pair_label, paper_table, published, published_number, save_figure, save_record,
+                          write_markdown)
 from .data import build_synthetic_cifar100, cifar100_datasets
 from .models import create_model
 from .recipes import (AB_GRID, AB_SETTING_OF, ALL_METHODS, ALL_PAIRS, CONTROLS, FP32, METHODS,
                                 STAND_INS, VARIANTS, divergence_weight, load_state_dict_file, method_config, methods_for,
                                 paper_schedule, recipe, teacher_path, teacher_recipe, teacher_registry)
-from ..training import CHECKPOINT
+from ..training import CHECKPOINT, run_name
 from .train import TrainConfig, fit
 
 # %% auto #0
-__all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'TEACHER_SIZE_COLUMNS', 'ROLE_COLUMNS', 'TABLE_HEAD', 'SMOKE', 'PAPER', 'load_weights',
-           'build_teacher', 'run_config', 'run_seeds', 'grid_search', 'paper_pair', 'paper_column', 'paper_cell',
-           'role_cell', 'published_value', 'weights_cells', 'method_label', 'results_table', 'published_sources',
-           'paper_methods', 'paper_plan', 'teachers_to_train', 'smoke_configs', 'run_folder', 'weights_sentence',
-           'smoke_note', 'reproduce_smoke', 'reproduce_paper', 'reproduce']
+__all__ = ['RESULT', 'PUBLISHED_COLUMNS', 'TEACHER_SIZE_COLUMNS', 'ROLE_COLUMNS', 'TABLE_HEAD', 'FIGURE', 'SMOKE', 'PAPER',
+           'load_weights', 'build_teacher', 'run_label', 'run_config', 'run_seeds', 'grid_search', 'paper_pair',
+           'paper_column', 'paper_cell', 'role_cell', 'published_value', 'weights_cells', 'method_label',
+           'results_table', 'published_sources', 'accuracy_figure', 'write_accuracy_figure', 'paper_methods',
+           'paper_plan', 'teachers_to_train', 'smoke_configs', 'run_folder', 'weights_sentence', 'smoke_note',
+           'reproduce_smoke', 'reproduce_paper', 'reproduce']
 
 # %% ../../nbs/16_cifar_experiment.ipynb #23679180
 RESULT = "result.json"
@@ -48,6 +50,10 @@ def build_teacher(cfg: TrainConfig) -> Optional[nn.Module]:
     model = create_model(cfg.teacher, num_classes=cfg.num_classes)
     return load_weights(model, load_state_dict_file(cfg.teacher_checkpoint), cfg.teacher_checkpoint)
 
+def run_label(cfg: TrainConfig) -> str:
+    "The name progress lines carry: 'teacher resnet56' or '<method> seed <k>' (prefixed by the pair at paper scale)."
+    return f"teacher {cfg.model}" if cfg.teacher is None else f"{cfg.method or cfg.loss} seed {cfg.seed}"
+
 def run_config(cfg: TrainConfig, data_root, out_dir, *, synthetic: bool = False, download: bool = False,
                device=None, num_workers: int = 0, progress: bool = True, stop_after: Optional[int] = None,
                accelerator=None) -> dict:
@@ -56,9 +62,10 @@ def run_config(cfg: TrainConfig, data_root, out_dir, *, synthetic: bool = False,
     train, val, test = cifar100_datasets(data_root, val_fraction=cfg.val_fraction, seed=cfg.seed, download=download)
     torch.manual_seed(cfg.seed)                                       # the student's initial weights
     model = create_model(cfg.model, num_classes=cfg.num_classes)
-    result = fit(cfg, model, dict(train=train, val=val, test=test), out_dir, teacher=build_teacher(cfg),
-                 device=device, num_workers=num_workers, progress=progress, stop_after=stop_after,
-                 accelerator=accelerator)
+    with run_name(run_label(cfg)):
+        result = fit(cfg, model, dict(train=train, val=val, test=test), out_dir, teacher=build_teacher(cfg),
+                     device=device, num_workers=num_workers, progress=progress, stop_after=stop_after,
+                     accelerator=accelerator)
     if not result["main_process"]:                                     # DDP: the main process writes the record
         accelerator.wait_for_everyone(); return load_record(out_dir / RESULT)
     if not result["history"]: raise ValueError(f"no epoch was run for {out_dir} (stop_after=0?)")
@@ -88,7 +95,8 @@ def grid_search(teacher: str, student: str, method: str, data_root, out_dir, *, 
     for a, b in grid:
         cfg = recipe(teacher, student, method, seed=seed, alpha_beta=(a, b), teacher_checkpoint=teacher_checkpoint,
                            val_fraction=val_fraction, **(overrides or {}))
-        rec = run_config(cfg, data_root, Path(out_dir) / f"alpha{a:g}_beta{b:g}", **kw)
+        with run_name(f"α {a:g} β {b:g}"):
+            rec = run_config(cfg, data_root, Path(out_dir) / f"alpha{a:g}_beta{b:g}", **kw)
         points.append(dict(alpha=a, beta=b, val_acc=_val_acc_at_best(rec), best_test_acc=rec["metrics"]["best_test_acc"],
                            last_test_acc=rec["metrics"]["last_test_acc"]))
     chosen = max(points, key=lambda p: p["val_acc"])
@@ -232,6 +240,41 @@ def published_sources(methods, paper_labels: Sequence[str] = ()) -> str:
                  "T²·D); Δ: our best-epoch mean minus the paper's number; variants are set beside their method's cell.")
     return " ".join(lines)
 
+# %% ../../nbs/16_cifar_experiment.ipynb #26748e9b
+FIGURE = "accuracy.png"
+
+def _record_pair(r: dict) -> tuple:
+    c = r["config"]
+    return (c["teacher"], c["model"]) if c.get("teacher") else (None, c["model"])
+
+def accuracy_figure(records: Sequence[dict]):
+    """Best-epoch test accuracy per method, mean ± std over seeds, one panel per pair; the pair's teacher dashed
+    (a teacher record is one whose config has no teacher)."""
+    from matplotlib.figure import Figure                  # no pyplot: no display backend is touched
+    teachers = {r["config"]["model"]: r["metrics"]["best_test_acc"] for r in records if not r["config"].get("teacher")}
+    groups = {}
+    for r in records:
+        if r["config"].get("teacher"):
+            groups.setdefault(_record_pair(r), {}).setdefault(r["config"].get("method") or r["config"]["loss"], []).append(r)
+    if not groups: raise ValueError("accuracy_figure needs at least one student record")
+    widest = max(len(m) for m in groups.values())
+    fig = Figure(figsize=(max(4.0, 0.9 * widest + 2), 3.0 * len(groups)))
+    for k, ((t, s), methods) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
+        ax = fig.add_subplot(len(groups), 1, k + 1)
+        names = sorted(methods, key=_order)
+        stats = [aggregate([r["metrics"]["best_test_acc"] for r in methods[m]]) for m in names]
+        ax.bar(range(len(names)), [a["mean"] for a in stats], 0.6, yerr=[a["std"] or 0.0 for a in stats], capsize=3)
+        if t in teachers: ax.axhline(teachers[t], color="k", ls="--", lw=1, label=f"teacher {t}"); ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{pair_label(t, s)}: best epoch, mean ± std over seeds (n={stats[0]['n']})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+def write_accuracy_figure(path, records: Sequence[dict]) -> Path:
+    "accuracy_figure(records) saved atomically to `path`."
+    return save_figure(accuracy_figure(records), path)
+
 # %% ../../nbs/16_cifar_experiment.ipynb #69a07d73
 SMOKE = dict(teacher="resnet20", student="resnet8", setting=("resnet56", "resnet20"),   # presets of a paper pair
              methods=("kd", "abkd", "fkl_at_abkd_weights"), seeds=(0, 1), n_train_per_class=20,
@@ -308,6 +351,7 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
         records.append(run_config(cfg, data, run_dir, synthetic=True, progress=progress))
         written.append(run_dir / RESULT)
     note = smoke_note(smoke, configs, trec["metrics"]["last_test_acc"])
+    written.append(write_accuracy_figure(root / FIGURE, records))
     written.append(write_markdown(root / "table.md", "CIFAR-100 distillation (smoke)", note, results_table(records)))
     return written
 
@@ -340,9 +384,10 @@ def reproduce_paper(out_dir, teachers_dir=None, data_root=None, pairs=PAPER["pai
     for t, s, m in plan:
         for seed in seeds:
             run_dir = root / "runs" / f"{t}-{s}" / m / f"seed{seed}"
-            records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root, run_dir,
+            with run_name(f"{t}-{s}"): records.append(run_config(recipe(t, s, m, seed=seed, teacher_checkpoint=ckpts[t]), data_root, run_dir,
                                       download=download, progress=progress, accelerator=accelerator, **kw))
             written.append(run_dir / RESULT)
+    written.append(write_accuracy_figure(root / FIGURE, records))
     written.append(write_markdown(root / "table.md", "CIFAR-100 distillation (paper recipe)",
                                   "The published recipe (240 epochs, float32); best epoch chosen on test as in the "
                                   "published tables. "

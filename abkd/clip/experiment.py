@@ -17,16 +17,16 @@ from .models import (BACKBONES, PromptConfig, PromptedCLIP, PromptKDStudent, cla
                               tiny_clip_config, word_tokenizer)
 from dataclasses import dataclass
 from .train import KD_SCALING, MODEL_SELECTION, CLIPTrainConfig, fit_clip, save_clip_record
-from ..training import inputs_hint, load_pretrained
-from ..results import (by_scale, format_mean_std, load_records, markdown_table, paper_hyperparameters, paper_number,
-                          paper_source, training_fact, training_facts, write_markdown)
+from ..training import inputs_hint, load_pretrained, run_name
+from ..results import (aggregate, by_scale, format_mean_std, load_records, markdown_table, paper_hyperparameters, paper_number,
+                          paper_source, save_figure, training_fact, training_facts, write_markdown)
 
 # %% auto #0
-__all__ = ['B2N', 'KD_WEIGHT_GRID', 'OFFICIAL_LR', 'METHODS', 'CONTROLS', 'AB_GRID', 'METHOD_LABELS', 'NOT_IN_PAPER', 'CONFLICTS',
-           'SMOKE', 'PAPER', 'ClipMethod', 'known_method', 'ab_params', 'method_recipe', 'method_config', 'run_method',
-           'record_method', 'recipe_label', 'results_table', 'conflicts_table', 'pretrain_standin_clip', 'smoke_models',
-           'train_teacher_prompts', 'weights_note', 'reproduce_smoke', 'paper_models', 'select_kd_weight',
-           'reproduce_paper', 'reproduce']
+__all__ = ['B2N', 'KD_WEIGHT_GRID', 'OFFICIAL_LR', 'METHODS', 'CONTROLS', 'AB_GRID', 'METHOD_LABELS', 'NOT_IN_PAPER', 'FIGURE',
+           'CONFLICTS', 'SMOKE', 'PAPER', 'ClipMethod', 'known_method', 'ab_params', 'method_recipe', 'method_config',
+           'run_method', 'record_method', 'recipe_label', 'results_table', 'base_new_figure', 'write_base_new_figure',
+           'conflicts_table', 'pretrain_standin_clip', 'smoke_models', 'train_teacher_prompts', 'weights_note',
+           'reproduce_smoke', 'paper_models', 'select_kd_weight', 'reproduce_paper', 'reproduce']
 
 # %% ../../nbs/21_clip_experiment.ipynb #5e7fb529
 B2N = "base_to_new"
@@ -103,8 +103,9 @@ def run_method(cfg: CLIPTrainConfig, make_student, teacher: PromptedCLIP, splits
     out_dir = Path(out_dir)
     name = f"{cfg.dataset}_{cfg.name}_seed{cfg.seed}"
     torch.manual_seed(cfg.seed)
-    result = fit_clip(cfg, make_student(), splits, out_dir / "runs" / name, teacher=teacher, device=device,
-                      progress=progress)
+    with run_name(f"{cfg.dataset} {cfg.name} seed {cfg.seed}"):
+        result = fit_clip(cfg, make_student(), splits, out_dir / "runs" / name, teacher=teacher, device=device,
+                          progress=progress)
     path = out_dir / "records" / f"{name}.json"
     save_clip_record(path, result, extra_config)
     return path
@@ -166,6 +167,40 @@ def results_table(records: Sequence[dict]) -> str:
             f"{MODEL_SELECTION}. Δ = our mean − paper. Recipe: CE weight (0 for every method: the students train on "
             "unlabeled images), λ, temperature, α, β, and the official code's normalisation of the loss (÷B·C: sum "
             "over batch and classes; ÷B: batch mean; ·T²: times T²)." + note)
+
+# %% ../../nbs/21_clip_experiment.ipynb #c45c51a5
+FIGURE = "base_new.png"
+
+def base_new_figure(records: Sequence[dict]):
+    "Per dataset: base / new / HM of each method, mean ± std over seeds as error bars; the teacher's HM dashed."
+    from matplotlib.figure import Figure                  # no pyplot: no display backend is touched
+    groups, teacher_hm = {}, {}
+    for r in records:
+        ds = r["config"]["dataset"]
+        groups.setdefault(ds, {}).setdefault(record_method(r["config"]), []).append(r["metrics"])
+        if "teacher_hm" in r["metrics"]: teacher_hm.setdefault(ds, r["metrics"]["teacher_hm"])
+    if not groups: raise ValueError("base_new_figure needs at least one record")
+    datasets = [d for d in DATASETS if d in groups] + [d for d in groups if d not in DATASETS]
+    widest = max(len(m) for m in groups.values())
+    fig = Figure(figsize=(max(5.0, 1.0 * widest + 2), 3.0 * len(datasets)))
+    for k, ds in enumerate(datasets):
+        ax = fig.add_subplot(len(datasets), 1, k + 1)
+        methods = [m for m in METHODS if m in groups[ds]] + [m for m in groups[ds] if m not in METHODS]
+        for off, (key, label) in zip((-0.27, 0.0, 0.27), _COLUMNS):
+            stats = [aggregate([m[key] for m in groups[ds][name]]) for name in methods]
+            ax.bar([x + off for x in range(len(methods))], [a["mean"] for a in stats], 0.27,
+                   yerr=[a["std"] or 0.0 for a in stats], capsize=2, label=label)
+        if ds in teacher_hm: ax.axhline(teacher_hm[ds], color="k", ls="--", lw=1, label="teacher HM")
+        ax.set_xticks(range(len(methods)), [METHOD_LABELS.get(m, m) for m in methods], rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{dataset_spec(ds).title}: base / new / HM, mean ± std over seeds", fontsize=9)
+        ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+def write_base_new_figure(path, records: Sequence[dict]) -> Path:
+    "base_new_figure(records) saved atomically to `path`."
+    return save_figure(base_new_figure(records), path)
 
 # %% ../../nbs/21_clip_experiment.ipynb #b0d646ab
 CONFLICTS = [
@@ -269,7 +304,7 @@ def smoke_models(smoke: dict, classnames: Sequence[str], pretrain_items=None):
 def train_teacher_prompts(teacher: PromptedCLIP, splits, out_dir, cfg: CLIPTrainConfig, progress: bool = True) -> dict:
     "Learn the teacher's prompts with CE on the few-shot base classes (stage 'teacher'); returns fit_clip's result."
     if cfg.stage != "teacher": raise ValueError("train_teacher_prompts needs a config with stage='teacher'")
-    return fit_clip(cfg, teacher, splits, out_dir, progress=progress)
+    with run_name(f"{cfg.dataset} teacher"): return fit_clip(cfg, teacher, splits, out_dir, progress=progress)
 
 def weights_note(datasets: Sequence[str], methods: Sequence[str]) -> str:
     "One clause per method: CE weight, λ per dataset, T, α, β and the normalisation (from method_recipe)."
@@ -312,8 +347,9 @@ def reproduce_smoke(out_dir, smoke: dict = SMOKE, progress: bool = True) -> list
             "web pretraining), then frozen. Each stand-in borrows the settings of the dataset it is named after (Table 6's "
             "α, β; PromptKD's λ, the fallback: no λ search at this scale). The paper's numbers are ViT-L/14 → ViT-B/16 "
             f"on the real datasets. Weights — {weights_note(smoke['datasets'], smoke['methods'])}.")
-    return written + [write_markdown(root / "table.md", "CLIP base-to-new (smoke)", note,
-                                     results_table(load_records(root / "records")))]
+    records = load_records(root / "records")
+    return written + [write_base_new_figure(root / FIGURE, records),
+                      write_markdown(root / "table.md", "CLIP base-to-new (smoke)", note, results_table(records))]
 
 # %% ../../nbs/21_clip_experiment.ipynb #e05373c6
 def _backbone(name: str, role: str):
@@ -387,7 +423,9 @@ def reproduce_paper(out_dir, data_root=None, teachers_dir=None, datasets: Sequen
                 cfg = method_config(ds, method, seed, kd_weight=w, **overrides)
                 extra["recipe"] = method_recipe(ds, method, w)
                 written.append(run_method(cfg, make_student, teacher, splits, root, progress=progress, extra_config=extra))
-    return written + [write_markdown(root / "table.md", "CLIP base-to-new", results_table(load_records(root / "records")))]
+    records = load_records(root / "records")
+    return written + [write_base_new_figure(root / FIGURE, records),
+                      write_markdown(root / "table.md", "CLIP base-to-new", results_table(records))]
 
 def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:
     "`abkd reproduce --only clip --scale {smoke, paper}`: reproduce_smoke(SMOKE) or reproduce_paper(PAPER)."

@@ -14,15 +14,15 @@ from .eval import PROTOCOL_SEEDS, evaluate_rouge, evaluation_record, teacher_out
 from .train import LLMTrainConfig, fit_llm, load_trained
 from .recipes import (ALL_METHODS, METHODS, STUDENTS, init_recipe, init_source, method_config, paper_cell, protocol,
                               student_spec, teacher_recipe, teacher_source, train_config)
-from ..training import inputs_hint, load_pretrained
+from ..training import inputs_hint, load_pretrained, run_name
 from ..results import (aggregate, by_scale, load_record, markdown_table, paper_number, paper_source, paper_std,
-                          write_markdown)
+                          save_figure, write_markdown)
 
 # %% auto #0
-__all__ = ['TEST_COLUMNS', 'SMOKE', 'ROW_LABELS', 'PAPER', 'GPT2_STUDENTS', 'LLMScale', 'scale_overrides', 'tiny_gpt2',
+__all__ = ['TEST_COLUMNS', 'SMOKE', 'ROW_LABELS', 'FIGURE', 'PAPER', 'GPT2_STUDENTS', 'LLMScale', 'scale_overrides', 'tiny_gpt2',
            'rouge_selector', 'train_stage', 'select_lr', 'method_train_set', 'train_method', 'evaluate_stage',
-           'prepare_data', 'prepare_smoke', 'run_pipeline', 'results_table', 'reproduce_smoke', 'reproduce_paper',
-           'reproduce']
+           'prepare_data', 'prepare_smoke', 'run_pipeline', 'results_table', 'eval_records', 'rouge_figure',
+           'write_rouge_figure', 'reproduce_smoke', 'reproduce_paper', 'reproduce']
 
 # %% ../../nbs/26_llm_experiment.ipynb #60f3a589
 TEST_COLUMNS = {"dolly": "Dolly", "self_inst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI", "uinst": "UnNI"}
@@ -88,9 +88,10 @@ def train_stage(name: str, cfg: LLMTrainConfig, model, data: dict, out: Path, te
                 progress: bool = True, train_set=None, lm_set=None) -> dict:
     """fit_llm for one stage (on `train_set`, default data['train']; `lm_set`: the pre-training corpus of the LM term);
     its result with `path`, the selected model's folder."""
-    res = fit_llm(cfg, model, data["train"] if train_set is None else train_set, data["valid"], data["collate"],
-                  out / name, teacher=teacher, tokenizer=data["tokenizer"], select_fn=select_fn, progress=progress,
-                  lm_set=lm_set)
+    with run_name(name.replace("/lr_", " lr ")):                      # progress lines say 'kd_fkl lr 0.0005'
+        res = fit_llm(cfg, model, data["train"] if train_set is None else train_set, data["valid"], data["collate"],
+                      out / name, teacher=teacher, tokenizer=data["tokenizer"], select_fn=select_fn, progress=progress,
+                      lm_set=lm_set)
     return dict(res, path=out / name / "best")
 
 def select_lr(runs: list[dict]) -> dict:
@@ -255,6 +256,44 @@ def results_table(eval_dir: Path, student: Optional[str] = None) -> str:
                       f"Δ = ours − paper. Paper cells: {src}. {corpus_line}" + (" Rows without a paper cell:" if notes else ""),
                       *notes])
 
+# %% ../../nbs/26_llm_experiment.ipynb #1c49f47c
+FIGURE = "rouge_l.png"
+
+def eval_records(eval_dir: Path) -> dict:
+    "{model: {test set: evaluation record}} of the records in `eval_dir`."
+    recs = {}
+    for path in sorted(Path(eval_dir).glob("*.json")):
+        rec = load_record(path)
+        recs.setdefault(rec["config"]["model"], {})[rec["config"]["test_set"]] = rec
+    return recs
+
+def rouge_figure(eval_dir: Path):
+    "ROUGE-L per test set and model, mean ± std over the evaluation seeds; the SFT teacher dashed."
+    from matplotlib.figure import Figure                  # no pyplot: no display backend is touched
+    recs = eval_records(eval_dir)
+    if not recs: raise ValueError(f"no evaluation records in {eval_dir}")
+    rank = lambda m: (ALL_METHODS.index(m) if m in ALL_METHODS else len(ALL_METHODS), m)
+    models = [m for m in ("student_init",) if m in recs] + sorted((m for m in recs if m not in ROW_LABELS), key=rank)
+    tests = [t for t in TEST_COLUMNS if any(t in recs[m] for m in recs)]
+    fig = Figure(figsize=(max(5.0, 0.8 * len(models) * len(tests) / 2 + 2), 3.2))
+    axes = [fig.add_subplot(1, len(tests), k + 1) for k in range(len(tests))]
+    for ax, test in zip(axes, tests):
+        shown = [m for m in models if test in recs[m]]
+        stats = [aggregate(list(recs[m][test]["metrics"]["rougeL"]["per_seed"].values())) for m in shown]
+        ax.bar(range(len(shown)), [a["mean"] for a in stats], 0.7, yerr=[a["std"] or 0.0 for a in stats], capsize=2)
+        if test in recs.get("teacher_sft", {}):
+            t = aggregate(list(recs["teacher_sft"][test]["metrics"]["rougeL"]["per_seed"].values()))["mean"]
+            ax.axhline(t, color="k", ls="--", lw=1, label="teacher (SFT)"); ax.legend(fontsize=6)
+        ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=6)
+        ax.set_title(TEST_COLUMNS[test], fontsize=9)
+    axes[0].set_ylabel("ROUGE-L, mean ± std over seeds")
+    fig.tight_layout()
+    return fig
+
+def write_rouge_figure(path, eval_dir: Path) -> Path:
+    "rouge_figure(eval_dir) saved atomically to `path`."
+    return save_figure(rouge_figure(eval_dir), path)
+
 # %% ../../nbs/26_llm_experiment.ipynb #964c9044
 def _reductions(scale: LLMScale) -> str:
     "The protocol values a scale changes, as a sentence."
@@ -284,7 +323,8 @@ def reproduce_smoke(out_dir, scale: LLMScale = SMOKE, progress: bool = True) -> 
             f"{list(scale.seeds)}. These numbers exercise the code path; at this size and budget the models have not "
             "learned the synthetic tasks, so they do not rank the methods. The paper's cells are GPT-2 XL → GPT-2 (0.1B) "
             "on the real test sets.")
-    return written + [write_markdown(root / "table.md", "GPT-2 instruction following, ROUGE-L (smoke)", note,
+    return written + [write_rouge_figure(root / FIGURE, root / "eval"),
+                      write_markdown(root / "table.md", "GPT-2 instruction following, ROUGE-L (smoke)", note,
                                      results_table(root / "eval", "gpt2"))]
 
 PAPER = LLMScale(n_train=None, n_valid=1000, max_prompt_len=256, max_len=512, n_positions=1024, methods=METHODS,
@@ -331,7 +371,8 @@ def reproduce_paper(out_dir, data_root=None, teacher_id: Optional[str] = None, s
     reduced = _reductions(scale)
     note = (f"GPT-2 XL → {spec.paper_part}: methods {', '.join(methods)} from abkd.llm.recipes"
             + (f"; reduced from the recipes: {reduced}" if reduced else "; the recipes' protocol unchanged") + ".")
-    return written + [write_markdown(root / "table.md", f"GPT-2 instruction following, ROUGE-L ({spec.paper_part})",
+    return written + [write_rouge_figure(root / FIGURE, root / "eval"),
+                      write_markdown(root / "table.md", f"GPT-2 instruction following, ROUGE-L ({spec.paper_part})",
                                      note, results_table(root / "eval", student))]
 
 def reproduce(out_dir, scale: str = "smoke", **kw) -> list[Path]:
