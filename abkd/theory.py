@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
 from .core import ab_divergence
 from .divergence import NAMED_POINTS, named_points_table, plot_ab_plane
@@ -20,6 +19,7 @@ from .mass_concentration import (check_ab_concentration, check_fkl_error_alone, 
                                      plot_mass_reallocation, structured_example)
 from .results import (aggregate, by_scale, load_record, markdown_table, paper_settings, save_figure,
                           save_record, write_markdown)
+from .training import progress_bar
 
 # %% auto #0
 __all__ = ['SEED', 'CONTROLS', 'SMOKE', 'PAPER', 'PAPER_CHOICES', 'INIT_SEED_OFFSET', 'METRICS', 'CONTROLLED_COLUMNS',
@@ -265,7 +265,7 @@ def controlled_experiment(vocab: int, points: Sequence[tuple], draws: Sequence[i
     tasks = [ControlledTask(vocab=vocab, contexts=contexts, seed=d) for d in draws]
     seeds = [INIT_SEED_OFFSET + d for d in draws]
     rows = []
-    for a, b in tqdm(grid_points(points), desc=f"controlled V={vocab}", disable=not progress, leave=False):
+    for a, b in progress_bar(grid_points(points), f"controlled V={vocab}", progress):
         for d, m in zip(draws, train_students(tasks, a, b, steps, lr, hidden, seeds)):
             rows.append(dict(vocab=vocab, alpha=a, beta=b, draw=d, **m))
     return rows

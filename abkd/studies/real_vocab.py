@@ -514,7 +514,8 @@ def resolve_scale(scale: Union[str, RealVocabScale]) -> RealVocabScale:
     "A RealVocabScale, or one of the names reduced/full (smoke/paper)."
     if isinstance(scale, RealVocabScale): return scale
     if scale not in SCALE_NAMES:
-        raise ValueError(f"scale must be one of {sorted(SCALE_NAMES)} (or a RealVocabScale), got {scale!r}")
+        raise ValueError(f"scale must be 'smoke' or 'paper' (the CLI's names; here also 'reduced' or 'full', or a "
+                         f"RealVocabScale), got {scale!r}")
     return SCALES[SCALE_NAMES[scale]]
 
 def write_outputs(root: Path, scale: RealVocabScale) -> list[Path]:
