@@ -8,7 +8,8 @@ import dataclasses, math, resource, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
-from ..results import (format_mean_std, load_record, markdown_table, pair_label, paper_number,
+from ..results import (STUDY_SCALE_NAMES, format_mean_std, load_record, markdown_table, pair_label, paper_number,
+                          study_scale,
                        paper_source, paper_table, save_figure, save_record, write_markdown)
 from ..real_data import export_image_folder, fashion_mnist
 from ..theory import paired_interval, t_quantile
@@ -55,16 +56,12 @@ REDUCED = RealImagesScale("reduced")
 FULL = RealImagesScale("full", train_per_class=500, test_per_class=None, teacher_epochs=15, epochs=8,
                        ab_grid=((0.8, 0.3), (1.0, 0.2), (0.6, 0.5), (0.9, 0.1)))
 SCALES = {"reduced": REDUCED, "full": FULL}
-SCALE_NAMES = {"reduced": "reduced", "full": "full", "smoke": "reduced", "paper": "full"}
+SCALE_NAMES = STUDY_SCALE_NAMES
 SMOKE, PAPER = REDUCED, FULL          # the names `abkd reproduce --scale smoke|paper` looks for
 
 def resolve_scale(scale: Union[str, RealImagesScale]) -> RealImagesScale:
     "A RealImagesScale, or one of the names reduced/full (smoke/paper: the CLI's names for them)."
-    if isinstance(scale, RealImagesScale): return scale
-    if scale not in SCALE_NAMES:
-        raise ValueError(f"scale must be 'smoke' or 'paper' (the CLI's names; here also 'reduced' or 'full', or a "
-                         f"RealImagesScale), got {scale!r}")
-    return SCALES[SCALE_NAMES[scale]]
+    return study_scale(scale, SCALES, RealImagesScale)
 
 def study_run(scale: RealImagesScale, data_dir) -> DistillRun:
     "The `abkd distill images` settings of `scale` on the exported folder (checked when built)."

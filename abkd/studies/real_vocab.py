@@ -14,7 +14,8 @@ from torch import Tensor
 from ..core import ab_divergence, ab_divergence_from_hidden
 from ..kernels.fused_linear import default_chunk_tokens
 from ..real_data import GPT2_VOCAB_SIZE, gpt2_tokenizer, pydoc_topics
-from ..results import aggregate, load_records, markdown_table, save_figure, save_record, write_markdown
+from ..results import (STUDY_SCALE_NAMES, aggregate, load_records, markdown_table, save_figure, save_record,
+                          study_scale, write_markdown)
 from ..llm.train import LLMTrainConfig, fit_llm
 from ..llm.eval import PROTOCOL_SEEDS, evaluate_rouge
 from ..llm.experiment import tiny_gpt2
@@ -508,15 +509,11 @@ def study_note(records: list[dict], perf: dict, scale: RealVocabScale) -> str:
         "**The paper:**\n\n" + "\n".join(f"- {x}" for x in PAPER_CLAIMS)])
 
 # %% ../../nbs/32_study_real_vocab.ipynb #7af1399e
-SCALE_NAMES = {"reduced": "reduced", "full": "full", "smoke": "reduced", "paper": "full"}
+SCALE_NAMES = STUDY_SCALE_NAMES
 
 def resolve_scale(scale: Union[str, RealVocabScale]) -> RealVocabScale:
     "A RealVocabScale, or one of the names reduced/full (smoke/paper)."
-    if isinstance(scale, RealVocabScale): return scale
-    if scale not in SCALE_NAMES:
-        raise ValueError(f"scale must be 'smoke' or 'paper' (the CLI's names; here also 'reduced' or 'full', or a "
-                         f"RealVocabScale), got {scale!r}")
-    return SCALES[SCALE_NAMES[scale]]
+    return study_scale(scale, SCALES, RealVocabScale)
 
 def write_outputs(root: Path, scale: RealVocabScale) -> list[Path]:
     "table.md and figure.png of the records under root/records."
