@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 from ..results import (STUDY_SCALE_NAMES, format_mean_std, load_record, markdown_table, pair_label, paper_number,
-                          study_scale,
-                       paper_source, paper_table, save_figure, save_record, write_markdown)
+                          paper_source, paper_table, save_figure, save_record, study_scale, write_markdown)
 from ..real_data import export_image_folder, fashion_mnist
 from ..theory import paired_interval, t_quantile
 from ..cifar.experiment import RESULT
