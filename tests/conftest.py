@@ -11,3 +11,14 @@ if _HERE not in sys.path:
 import torch as _torch
 if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest as _pytest
+
+
+@_pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process: a Trainer or Accelerator made by one test (e.g. with
+    mixed_precision='no') would make a later Accelerator(mixed_precision='bf16') fail. Reset it around every test."""
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)

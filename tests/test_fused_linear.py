@@ -121,6 +121,7 @@ def bf16_accelerator():
     "An Accelerator with bf16 autocast; accelerate keeps its state process-wide, so it is reset afterwards."
     import accelerate
     from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)     # whatever an earlier test left
     yield accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     AcceleratorState._reset_state(reset_partial_state=True)
 
