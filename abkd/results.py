@@ -41,25 +41,27 @@ def _version(dist: str) -> str | None:
     try: return metadata.version(dist)
     except metadata.PackageNotFoundError: return None
 
-def _torch_info() -> tuple[str | None, dict | None]:
-    "torch version (with its build suffix) and the CUDA devices it sees; (None, None) without torch."
+def _torch_info() -> tuple[str | None, dict | None, int | None]:
+    """torch version (with its build suffix), the CUDA devices it sees and its CPU threads (CPU numbers depend on
+    them); (None, None, None) without torch."""
     try: import torch
-    except Exception: return None, None
+    except Exception: return None, None, None
     try:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         cuda = {"count": n, "devices": [torch.cuda.get_device_name(i) for i in range(n)], "runtime": torch.version.cuda}
     except Exception: cuda = None
-    return torch.__version__, cuda
+    return torch.__version__, cuda, torch.get_num_threads()
 
 def environment_info(cwd=None) -> dict:
     "Provenance: git state of the code (the repo holding abkd, or `cwd`), versions, hardware (no hostname), UTC time."
-    torch_version, cuda = _torch_info()
+    torch_version, cuda, threads = _torch_info()
     return {
         "git": git_info(cwd if cwd is not None else Path(abkd.__file__).resolve().parent),
         "versions": {"python": platform.python_version(), "abkd": abkd.__version__, "torch": torch_version,
                      **{d: _version(d) for d in ("numpy", "transformers", "torchvision")}},
         "hardware": {"platform": platform.platform(), "machine": platform.machine(),
-                     "processor": platform.processor() or None, "cpu_count": os.cpu_count(), "cuda": cuda},
+                     "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+                     "torch_threads": threads, "cuda": cuda},
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

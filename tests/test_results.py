@@ -41,6 +41,7 @@ def test_environment_info_outside_git(tmp_path, monkeypatch):
     assert info["versions"]["numpy"] == np.__version__
     assert info["versions"]["abkd"]
     assert info["hardware"]["cpu_count"] == os.cpu_count()
+    assert info["hardware"]["torch_threads"] == torch.get_num_threads()
     assert "hostname" not in json.dumps(info) and "node" not in info["hardware"]
     assert info["timestamp_utc"].endswith("+00:00")
 

@@ -85,7 +85,7 @@ REDUCED = RealVocabScale("reduced", teacher=dict(n_layer=2, n_embd=128, n_head=4
                          continuation_len=24, memory_tokens=(2048,))
 FULL = RealVocabScale("full", teacher=dict(n_layer=4, n_embd=192, n_head=4),
                       student=dict(n_layer=2, n_embd=96, n_head=2), block=128, n_train_blocks=None,
-                      n_eval_blocks=96, kd_blocks=192, teacher_epochs=2, teacher_lr=3e-3, kd_epochs=1, kd_lr=1e-2,
+                      n_eval_blocks=64, kd_blocks=192, teacher_epochs=2, teacher_lr=3e-3, kd_epochs=1, kd_lr=1e-2,
                       warmup_steps=4, alphas=(0.1, 0.2, 0.5), betas=(0.3, 0.7, 1.0), train_seeds=(0, 1, 2),
                       n_prompts=32, prompt_len=64, continuation_len=48, memory_tokens=(2048,))
 SCALES = {"reduced": REDUCED, "full": FULL}
