@@ -186,7 +186,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert (root / "table.md") in files and (root / "figure.png").stat().st_size > 0
     records = {p.name: json.loads(p.read_text()) for p in (root / "records").glob("*.json")}
     assert set(records) == {"loss_memory.json", "teacher.json", "fkl_seed0.json", "rkl_seed0.json",
-                            "ab_a0.2_b0.7_seed0.json", "ab_a0.2_b0.3_seed0.json"}
+                            "ab_a0.2_b0.7_seed0.json", "ab_a0.2_b0.3_seed0.json", "study.json"}
     students = [r for r in records.values() if r["experiment"] == "real-vocab/student"]
     assert {(r["config"]["train"]["lr"], r["config"]["train"]["epochs"], r["config"]["train"]["seed"])
             for r in students} == {(TINY.kd_lr, TINY.kd_epochs, 0)}
@@ -201,7 +201,12 @@ def test_tiny_study_end_to_end(tmp_path):
     mem = records["loss_memory.json"]["metrics"]["n248"]
     assert mem["fused"]["extra_peak_mib"] > 0 and mem["materialized"]["extra_peak_mib"] > 0
     assert mem["loss_rel_diff"] < 1e-5
+    cost = records["study.json"]["metrics"]
+    runs = [r["metrics"] for r in records.values() if r["experiment"] in ("real-vocab/teacher", "real-vocab/student")]
+    assert cost["runs"] == 5 and cost["wall_s"] >= cost["phase_wall_s"] > 0
+    assert cost["peak_rss_mib"] >= max(max(m["peak_rss_mib"], m["eval_peak_rss_mib"]) for m in runs)
     table = (root / "table.md").read_text()
+    assert f"**Cost of this run**: 5 trainings (teacher and students) in {cost['wall_s'] / 60:.1f} min wall" in table
     assert "| FKL | 1 | 0 |" in table and "AB(0.2, 0.7)" in table and "ABKD paper (ICML 2025), App. D" in table
     # the table is generated from the records: writing it again from them gives the same text
     assert rv.write_outputs(root, TINY)[0].read_text() == table

@@ -14,8 +14,8 @@ from torch import Tensor
 from ..core import ab_divergence, ab_divergence_from_hidden
 from ..kernels.fused_linear import default_chunk_tokens
 from ..real_data import GPT2_VOCAB_SIZE, gpt2_tokenizer, pydoc_topics
-from ..results import (STUDY_SCALE_NAMES, aggregate, load_records, markdown_table, save_figure, save_record,
-                          study_scale, write_markdown)
+from ..results import (STUDY_SCALE_NAMES, aggregate, load_record, load_records, markdown_table, save_figure,
+                          save_record, study_scale, write_markdown)
 from ..llm.train import LLMTrainConfig, fit_llm
 from ..llm.eval import PROTOCOL_SEEDS, evaluate_rouge
 from ..llm.experiment import tiny_gpt2
@@ -23,13 +23,13 @@ from ..theory import paired_interval
 
 # %% auto #0
 __all__ = ['NAMED_METHODS', 'REDUCED', 'FULL', 'SCALES', 'SMOKE', 'PAPER', 'LOSS_MEMORY_METHOD', 'MEASURE_COLUMNS',
-           'SEED_MEASURES', 'PAPER_CLAIMS', 'SCALE_NAMES', 'RealVocabScale', 'method_key', 'token_stream',
-           'chunk_blocks', 'seeded_subset', 'block_examples', 'stack_collate', 'continuation_examples',
+           'SEED_MEASURES', 'PAPER_CLAIMS', 'SCALE_NAMES', 'STUDY_RECORD', 'RealVocabScale', 'method_key',
+           'token_stream', 'chunk_blocks', 'seeded_subset', 'block_examples', 'stack_collate', 'continuation_examples',
            'prepare_study_data', 'position_measures', 'summarize_measures', 'heldout_measures', 'reset_peak_rss',
            'peak_rss_mib', 'rss_mib', 'measured', 'loss_memory_probe', 'loss_memory', 'teacher_config',
            'student_config', 'rouge_of', 'rouge_metrics', 'train_teacher', 'train_student', 'rouge_verdicts',
            'results_table', 'claim_check', 'paired_over_seeds', 'seed_paired_lines', 'plot_study', 'memory_line',
-           'study_note', 'resolve_scale', 'write_outputs', 'reproduce']
+           'study_note', 'resolve_scale', 'study_cost', 'cost_line', 'write_outputs', 'reproduce']
 
 # %% ../../nbs/32_study_real_vocab.ipynb #a288d002
 NAMED_METHODS = (("FKL", 1.0, 0.0), ("RKL", 0.0, 1.0), ("AB", 0.2, 0.7))   # AB: the paper's Table 7 point
@@ -562,14 +562,34 @@ def resolve_scale(scale: Union[str, RealVocabScale]) -> RealVocabScale:
     "A RealVocabScale, or one of the names reduced/full (smoke/paper)."
     return study_scale(scale, SCALES, RealVocabScale)
 
+STUDY_RECORD = "study.json"      # the whole run's wall time and peak memory
+
+def study_cost(runs: list[dict], t0: float, first_peak_mib: float) -> dict:
+    """The run's cost: wall seconds since `t0`, the phases' summed seconds and the largest peak RSS of this process
+    (data preparation before the first phase, then each phase's own VmHWM); the memory probes' own processes apart."""
+    phases = [r["metrics"] for r in runs]
+    peak = max([first_peak_mib] + [m[k] for m in phases for k in ("peak_rss_mib", "eval_peak_rss_mib")])
+    return dict(wall_s=time.perf_counter() - t0, runs=len(phases), peak_rss_mib=peak,
+                phase_wall_s=math.fsum(m["wall_s"] + m["eval_wall_s"] for m in phases))
+
+def cost_line(study: dict) -> str:
+    "The run's wall time and peak memory in words."
+    m = study["metrics"]
+    return (f"**Cost of this run**: {m['runs']} trainings (teacher and students) in {m['wall_s'] / 60:.1f} min wall "
+            f"({m['phase_wall_s'] / 60:.1f} min of it in training and held-out evaluation) on "
+            f"{study['provenance']['hardware'].get('torch_threads', '?')} torch thread(s), "
+            f"{study['provenance']['hardware']['cpu_count']} cores; peak resident memory {m['peak_rss_mib']:.0f} MiB.")
+
 def write_outputs(root: Path, scale: RealVocabScale) -> list[Path]:
-    "table.md and figure.png of the records under root/records."
+    "table.md and figure.png of the records under root/records (with the run's cost when its study record is there)."
     import matplotlib.pyplot as plt
     records = load_records(root / "records")
     perf = next(r for r in records if r["experiment"] == "real-vocab/loss-memory")["metrics"]
-    runs = [r for r in records if r["experiment"] != "real-vocab/loss-memory"]
-    table = write_markdown(root / "table.md", f"Study B: a real 50,257-token vocabulary ({scale.name})",
-                           study_note(runs, perf, scale), results_table(runs))
+    study = next((r for r in records if r["experiment"] == "real-vocab/study"), None)
+    runs = [r for r in records if r["experiment"] not in ("real-vocab/loss-memory", "real-vocab/study")]
+    note = study_note(runs, perf, scale) + ("" if study is None else "\n\n" + cost_line(study))
+    table = write_markdown(root / "table.md", f"Study B: a real 50,257-token vocabulary ({scale.name})", note,
+                           results_table(runs))
     fig = plot_study(runs)
     figure = save_figure(fig, root / "figure.png")
     plt.close(fig)
@@ -577,10 +597,13 @@ def write_outputs(root: Path, scale: RealVocabScale) -> list[Path]:
 
 def reproduce(out_dir, scale: Union[str, RealVocabScale] = "reduced", progress: bool = True, *,
               tokenizer_path=None, topics_path=None) -> list[Path]:
-    "Study B end to end at `scale`: teacher, every student per training seed, the loss-memory probe, table, figure."
+    """Study B end to end at `scale`: teacher, every student per training seed, the loss-memory probe, the run's cost
+    (`STUDY_RECORD`), table, figure."""
+    t0 = time.perf_counter()
     scale = resolve_scale(scale)
     root = Path(out_dir) / "real_vocab"
     data = prepare_study_data(scale, tokenizer_path, topics_path)
+    first_peak = peak_rss_mib()
     sizes = (scale.micro_batch_size * (scale.block - 1), *scale.memory_tokens)
     perf = {f"n{n}": loss_memory(n, scale.student["n_embd"]) for n in sizes}
     written = [root / "records" / "loss_memory.json"]
@@ -591,4 +614,8 @@ def reproduce(out_dir, scale: Union[str, RealVocabScale] = "reduced", progress: 
     for seed in scale.train_seeds:
         for name, a, b in scale.methods():
             written.append(train_student(name, a, b, seed, teacher, data, scale, root, progress))
+    runs = [load_record(p) for p in written[1:]]
+    written.append(root / "records" / STUDY_RECORD)
+    save_record(written[-1], experiment="real-vocab/study", config=dict(scale=scale.to_dict()),
+                metrics=study_cost(runs, t0, first_peak))
     return written + write_outputs(root, scale)
