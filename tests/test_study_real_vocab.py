@@ -171,6 +171,11 @@ def test_seed_paired_lines_resolve_only_beyond_seed_noise():
     one_seed = [r for r in recs if r["seed"] == 0]
     assert rv.seed_paired_lines(one_seed) == [] and rv.claim_check(one_seed)[-1].startswith("Small α")
     assert rv.claim_check(recs)[2:] == lines
+    # ROUGE-L verdicts over training seeds: FKL (12, 13, 14) is best; AB(0.2, ·) trails by exactly 2 on every seed
+    # (resolved), RKL (9, 11, 13) trails by 1 on average with a spread that leaves its interval across 0
+    v = rv.rouge_verdicts(recs)
+    assert v["fkl"] == "best" and v["rkl"] == "within noise of the best"
+    assert v["ab_a0.2_b0.7"] == "below the best (Δ = -2.00, 95 % interval over training seeds < 0)"
 
 
 def test_missing_data_names_the_install_command(tmp_path):
