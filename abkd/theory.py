@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,9 +27,9 @@ __all__ = ['SEED', 'CONTROLS', 'SMOKE', 'PAPER', 'PAPER_CHOICES', 'INIT_SEED_OFF
            'plot_ab_plane_with_paper_choices', 'write_named_points', 'write_first_order_error', 'claims_table',
            'write_claims', 'write_mass_figures', 'ControlledTask', 'student_model', 'StudentBatch', 'evaluate_logits',
            'evaluate_student', 'teacher_target_prob', 'train_students', 'train_student', 'grid_points',
-           'controlled_experiment', 'composite_score', 't_cdf', 't_quantile', 'paired_interval', 'verdict',
-           'split_draws', 'select_and_report', 'plot_controlled', 'point_label', 'controlled_table',
-           'controlled_markdown', 'run_controlled', 'write_controlled', 'reproduce']
+           'controlled_experiment', 'composite_score', 't_cdf', 't_quantile', 'paired_interval',
+           'paired_seed_difference', 'verdict', 'split_draws', 'select_and_report', 'plot_controlled', 'point_label',
+           'controlled_table', 'controlled_markdown', 'run_controlled', 'write_controlled', 'reproduce']
 
 # %% ../nbs/11_theory.ipynb #8eb407f2
 SEED = 0
@@ -305,6 +305,19 @@ def paired_interval(differences: Sequence[float], level: float = 0.95) -> dict:
     a = aggregate(list(differences))
     if a["n"] < 2: raise ValueError(f"a paired interval needs at least 2 differences, got {a['n']}")
     return dict(mean=a["mean"], half_width=t_quantile((1 + level) / 2, a["n"] - 1) * a["std"] / math.sqrt(a["n"]), n=a["n"])
+
+def paired_seed_difference(a: dict, b: dict, level: float = 0.95) -> Optional[dict]:
+    """a − b on the seeds both {seed: value} maps have: seeds, per-seed differences d_s, d̄ and (n ≥ 2) the paired
+    interval d̄ ± t_{(1+level)/2, n−1}·s_d/√n as half_width, t, low, high (half_width and t None for one seed); None
+    when no seed is shared."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds: return None
+    d = [a[s] - b[s] for s in seeds]
+    out = dict(seeds=seeds, differences=d, mean=math.fsum(d) / len(d), half_width=None, t=None, level=level)
+    if len(d) > 1:
+        hw = paired_interval(d, level)["half_width"]
+        out.update(half_width=hw, t=t_quantile((1 + level) / 2, len(d) - 1), low=out["mean"] - hw, high=out["mean"] + hw)
+    return out
 
 def verdict(delta: dict) -> str:
     "'tie' when the interval of selected − point contains 0, else 'below' (the point is worse) or 'above' (better)."

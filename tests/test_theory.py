@@ -1,5 +1,6 @@
 """The theory experiment (`abkd.theory`): records, tables generated from them and figures; the controlled experiment; the protocol."""
 import json
+import math
 
 import pytest
 
@@ -200,3 +201,15 @@ def test_presets_and_an_unknown_scale(tmp_path):
     with pytest.raises(ValueError, match="scale must be 'smoke' or 'paper', got 'huge'"):
         reproduce(tmp_path / "x", "huge")
     assert not (tmp_path / "x").exists()
+
+
+def test_paired_seed_difference_on_shared_seeds():
+    from abkd.theory import paired_seed_difference
+    d = paired_seed_difference({0: 1.0, 1: 2.0, 2: 4.0, 9: 100.0}, {0: 0.5, 1: 1.0, 2: 3.0})
+    assert d["seeds"] == [0, 1, 2] and d["differences"] == [0.5, 1.0, 1.0] and d["mean"] == pytest.approx(2.5 / 3)
+    s = math.sqrt(((0.5 - 2.5 / 3) ** 2 + 2 * (1.0 - 2.5 / 3) ** 2) / 2)
+    hw = 4.302652729911275 * s / math.sqrt(3)                                     # t_{0.975, 2} · s/√n
+    assert d["half_width"] == pytest.approx(hw) and d["low"] == pytest.approx(2.5 / 3 - hw)
+    one = paired_seed_difference({0: 1.0}, {0: 0.25})
+    assert one["mean"] == 0.75 and one["half_width"] is None and "low" not in one
+    assert paired_seed_difference({0: 1.0}, {1: 1.0}) is None

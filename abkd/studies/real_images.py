@@ -4,14 +4,14 @@
 
 # %% ../../nbs/31_study_real_images.ipynb #2ff620c4
 from __future__ import annotations
-import dataclasses, math, resource, time
+import dataclasses, resource, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 from ..results import (STUDY_SCALE_NAMES, format_mean_std, load_record, markdown_table, pair_label, paper_number,
                           paper_source, paper_table, save_figure, save_record, study_scale, write_markdown)
 from ..real_data import export_image_folder, fashion_mnist
-from ..theory import paired_interval, t_quantile
+from ..theory import paired_seed_difference
 from ..cifar.experiment import RESULT
 from ..images import (STUDENT_ALONE, DistillRun, ab_folder, distill_images, grid_table, images_note, images_table,
                       record_method, settings_pair)
@@ -112,20 +112,11 @@ PAIR_LABELS = {STUDENT_ALONE: "student alone (CE)", "abkd": "ABKD", "kd": "KD", 
 def paired_difference(students: Sequence[dict], ab: str, parent: str, key: str = "best_test_acc",
                       level: float = 0.95) -> Optional[dict]:
     """AB − parent on the seeds both have: per-seed differences d_s = acc_AB(s) − acc_parent(s), their mean d̄ and
-    the paired Student-t interval d̄ ± t_{(1+level)/2, n−1} · s_d/√n (`abkd.theory.paired_interval`; half_width None
-    for a single seed). None when either method has no run."""
+    the paired Student-t interval d̄ ± t_{(1+level)/2, n−1} · s_d/√n (`abkd.theory.paired_seed_difference`;
+    half_width None for a single seed). None when either method has no run."""
     by = {m: {r["seed"]: r["metrics"][key] for r in students if record_method(r) == m} for m in (ab, parent)}
-    seeds = sorted(set(by[ab]) & set(by[parent]))
-    if not seeds: return None
-    d = [by[ab][s] - by[parent][s] for s in seeds]
-    if len(d) > 1:
-        ci = paired_interval(d, level)
-        hw, t = ci["half_width"], t_quantile((1 + level) / 2, len(d) - 1)
-    else: hw, t = None, None
-    mean = math.fsum(d) / len(d)
-    out = dict(ab=ab, parent=parent, seeds=seeds, differences=d, mean=mean, half_width=hw, t=t, level=level, key=key)
-    if hw is not None: out.update(low=mean - hw, high=mean + hw)
-    return out
+    diff = paired_seed_difference(by[ab], by[parent], level)
+    return None if diff is None else dict(ab=ab, parent=parent, **diff, key=key)
 
 def difference_verdict(diff: dict) -> str:
     "Whether the interval resolves the sign of AB − parent."

@@ -19,7 +19,7 @@ from ..results import (STUDY_SCALE_NAMES, aggregate, load_record, load_records, 
 from ..llm.train import LLMTrainConfig, fit_llm
 from ..llm.eval import PROTOCOL_SEEDS, evaluate_rouge
 from ..llm.experiment import tiny_gpt2
-from ..theory import paired_interval
+from ..theory import paired_seed_difference
 
 # %% auto #0
 __all__ = ['NAMED_METHODS', 'REDUCED', 'FULL', 'SCALES', 'SMOKE', 'PAPER', 'LOSS_MEMORY_METHOD', 'MEASURE_COLUMNS',
@@ -358,8 +358,7 @@ def rouge_verdicts(records: list[dict]) -> dict:
     """{key: 'best' | 'within noise of the best' | 'below the best (Δ = …)'}. With several training seeds a student is
     below the best when the paired 95 % interval over training seeds of its ROUGE-L − the best's lies below 0; with one
     training seed, when the gap exceeds 2 standard errors of the sampling seeds."""
-    students = _students(records)
-    st = {k: _rouge(v) for k, v in students.items()}
+    st = {k: _rouge(v) for k, v in _students(records).items()}
     best = max(st, key=lambda k: st[k][0])
     mb, sb, nb = st[best]
     out = {}
@@ -450,12 +449,12 @@ SEED_MEASURES = (("H(q)", lambda r: r["metrics"]["entropy_student"], 3),
 
 def paired_over_seeds(records: list[dict], key: str, base: str, metric, level: float = 0.95) -> Optional[dict]:
     """metric(key) − metric(base) per training seed both students have, d̄ and the paired Student-t interval
-    d̄ ± t_{(1+level)/2, n−1}·s_d/√n (`abkd.theory.paired_interval`); None with fewer than two shared seeds."""
+    d̄ ± t_{(1+level)/2, n−1}·s_d/√n (`abkd.theory.paired_seed_difference`); None with fewer than two shared seeds."""
     by = {k: {r["seed"]: r for r in recs} for k, recs in _students(records).items() if k in (key, base)}
-    seeds = sorted(set(by.get(key, {})) & set(by.get(base, {})))
-    if len(seeds) < 2: return None
-    ci = paired_interval([metric(by[key][s]) - metric(by[base][s]) for s in seeds], level)
-    return dict(mean=ci["mean"], low=ci["mean"] - ci["half_width"], high=ci["mean"] + ci["half_width"], n=ci["n"])
+    seeds = set(by.get(key, {})) & set(by.get(base, {}))
+    if len(seeds) < 2: return None              # (the metric is read only where a difference is formed)
+    d = paired_seed_difference({s: metric(by[key][s]) for s in seeds}, {s: metric(by[base][s]) for s in seeds}, level)
+    return dict(mean=d["mean"], low=d["low"], high=d["high"], n=len(d["seeds"]))
 
 def _signed(d: dict, digits: int) -> str:
     "Δ [low, high] and whether the interval resolves its sign."
